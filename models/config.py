@@ -1,0 +1,56 @@
+"""Hyperparameters of the decoder-only Transformer family."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One decoder-only Transformer. `style` picks the GPT-2 or the Llama recipe.
+
+    gpt2:  learned positions, LayerNorm (with bias), GELU MLP, biases on projections.
+    llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+    """
+
+    style: Literal["gpt2", "llama"] = "llama"
+    vocab_size: int = 256
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: = num_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    mlp_dim: int = 512
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True
+    remat: Literal["none", "full", "save_dots"] = "none"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def check(self) -> None:
+        """Raise ValueError naming the key when sizes are inconsistent."""
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model={self.d_model} does not divide by "
+                             f"model.num_heads={self.num_heads}; set model.head_dim")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} does not divide by "
+                             f"model.num_kv_heads={self.kv_heads}")
+        if self.style == "llama" and self.head_size % 2:
+            raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+        for key in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

@@ -1,0 +1,105 @@
+"""Pure per-layer functions of the Transformer block. Arrays in, arrays out.
+
+Shapes: B batch, T length, D d_model, N query heads, K kv heads, H head size,
+F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+
+def no_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    del logical_axes
+    return x
+
+
+def norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm when a bias is given (GPT-2), RMSNorm otherwise (Llama); fp32 inside."""
+    x = x_BTD.astype(jnp.float32)
+    if bias_D is not None:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    x = x * scale_D.astype(jnp.float32)
+    if bias_D is not None:
+        x = x + bias_D.astype(jnp.float32)
+    return x.astype(x_BTD.dtype)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout (as Hugging Face Llama)."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq_h = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
+    cos = jnp.cos(angle_BTh)[:, :, None, :]
+    sin = jnp.sin(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+    """`auto` is cuDNN's fused kernel on GPUs (half precision only), XLA elsewhere."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    on_gpu = jax.default_backend() == "gpu"
+    half = cfg.dtype in ("bfloat16", "float16")
+    return "cudnn" if on_gpu and half and cfg.head_size % 8 == 0 else "xla"
+
+
+def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
+    return p[name].astype(dtype) if name in p else 0.0
+
+
+def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
+              positions_BT: jax.Array, constrain: Constrain) -> jax.Array:
+    dt = h_BTD.dtype
+    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt)) + _bias(p, "q_bias", dt)
+    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt)) + _bias(p, "k_bias", dt)
+    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"].astype(dt)) + _bias(p, "v_bias", dt)
+    if cfg.style == "llama":
+        q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
+        k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+    q_BTNH = constrain(q_BTNH, ("batch", "act_length", "act_heads", None))
+    k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
+    v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+                                            implementation=attention_impl(cfg))
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
+    return out_BTD + _bias(p, "o_bias", dt)
+
+
+def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
+        constrain: Constrain) -> jax.Array:
+    dt = h_BTD.dtype
+    if cfg.style == "gpt2":
+        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_in"].astype(dt)) + _bias(p, "in_bias", dt)
+        act_BTF = jax.nn.gelu(up_BTF, approximate=True)
+    else:
+        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"].astype(dt))
+        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"].astype(dt))
+        act_BTF = jax.nn.silu(gate_BTF) * up_BTF
+    act_BTF = constrain(act_BTF, ("batch", "act_length", "act_mlp"))
+    out_BTD = jnp.einsum("btf,fd->btd", act_BTF, p["w_out"].astype(dt))
+    return out_BTD + _bias(p, "out_bias", dt)
+
+
+def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
+          x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    """One pre-norm Transformer layer; `p` holds this layer's parameters."""
+    with jax.named_scope("attention"):
+        h_BTD = norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm_eps)
+        x_BTD = x_BTD + attention(cfg, p, h_BTD, positions_BT, constrain)
+        x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
+    with jax.named_scope("mlp"):
+        h_BTD = norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm_eps)
+        x_BTD = x_BTD + mlp(cfg, p, h_BTD, constrain)
+        x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
+    return x_BTD

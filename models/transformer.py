@@ -1,0 +1,147 @@
+"""Flax NNX decoder-only Transformer (GPT-2 and Llama styles).
+
+Every parameter is an `nnx.Param` with `logical_axes` metadata; the layers' parameters
+are stacked along a leading "layers" axis so one `lax.scan` runs them all (compile time
+independent of depth). The model never sees a mesh: activations are passed through the
+`constrain` callable the caller provides, with their logical axes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import layers
+from models.config import ModelConfig
+from models.layers import Constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(key, shape, axes, std, dtype) -> nnx.Param:
+    if std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    elif std == 1.0 and key is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = std * jax.random.normal(key, shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class StackedBlocks(nnx.Module):
+    """All layers' parameters, each with a leading "layers" axis of size num_layers."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.kv_heads,
+                            cfg.head_size, cfg.mlp_dim)
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
+        gpt2 = cfg.style == "gpt2"
+        p = functools.partial(_param, dtype=pd)
+        self.attn_norm_scale = p(None, (L, D), ("layers", "embed"), 1.0)
+        self.mlp_norm_scale = p(None, (L, D), ("layers", "embed"), 1.0)
+        self.wq = p(rngs.params(), (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std)
+        self.wk = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
+        self.wv = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
+        self.wo = p(rngs.params(), (L, N, H, D), ("layers", "heads", "head_dim", "embed"), out_std)
+        self.w_out = p(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), out_std)
+        if gpt2:
+            self.attn_norm_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.mlp_norm_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.q_bias = p(None, (L, N, H), ("layers", "heads", "head_dim"), 0.0)
+            self.k_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
+            self.v_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
+            self.o_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.w_in = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
+            self.in_bias = p(None, (L, F), ("layers", "mlp"), 0.0)
+            self.out_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+        else:
+            self.w_gate = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
+            self.w_up = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: var.get_value() for name, var in vars(self).items()
+                if isinstance(var, nnx.Param)}
+
+    def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
+                 positions_BT: jax.Array) -> jax.Array:
+        body = functools.partial(layers.block, cfg, constrain)
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
+                                  prevent_cse=not cfg.scan_layers)
+        params_L = self.stacked()
+        if cfg.scan_layers:
+            def step(x, p):
+                return body(p, x, positions_BT), None
+            x_BTD, _ = jax.lax.scan(step, x_BTD, params_L)
+            return x_BTD
+        for i in range(cfg.num_layers):
+            x_BTD = body({k: v[i] for k, v in params_L.items()}, x_BTD, positions_BT)
+        return x_BTD
+
+
+class Transformer(nnx.Module):
+    """tokens (B, T) int -> logits (B, T, V) float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain | None = None):
+        cfg.check()
+        self.cfg = cfg
+        self.constrain = constrain or layers.no_constraint
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        V, D = cfg.vocab_size, cfg.d_model
+        self.embedding = _param(rngs.params(), (V, D), ("vocab", "embed"), std, pd)
+        if cfg.style == "gpt2":
+            self.pos_embedding = _param(rngs.params(), (cfg.max_seq_len, D), ("length", "embed"),
+                                        std / 2, pd)
+        self.blocks = StackedBlocks(cfg, rngs)
+        self.final_norm_scale = _param(None, (D,), ("embed",), 1.0, pd)
+        if cfg.style == "gpt2":
+            self.final_norm_bias = _param(None, (D,), ("embed",), 0.0, pd)
+        if not cfg.tie_embeddings:
+            self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        cfg, constrain = self.cfg, self.constrain
+        dt = jnp.dtype(cfg.dtype)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        with jax.named_scope("embed"):
+            x_BTD = jnp.take(self.embedding.get_value(), tokens_BT, axis=0).astype(dt)
+            if cfg.style == "gpt2":
+                x_BTD = x_BTD + jnp.take(self.pos_embedding.get_value(), positions_BT,
+                                         axis=0).astype(dt)
+            x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
+        x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT)
+        with jax.named_scope("head"):
+            bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
+            x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
+            if cfg.tie_embeddings:
+                w_DV = self.embedding.get_value().T
+            else:
+                w_DV = self.head.get_value()
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(dt),
+                                    preferred_element_type=jnp.float32)
+            return constrain(logits_BTV, ("batch", "act_length", "act_vocab"))
+
+
+def count_params(cfg: ModelConfig, *, exclude_positions: bool = True) -> int:
+    """Parameter count from shapes alone (a tied head counted once).
+
+    With exclude_positions, the learned position table is left out, as nanoGPT counts
+    for its FLOPs estimate.
+    """
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if exclude_positions and path[-1] == "pos_embedding":
+            continue
+        total += math.prod(var.get_value().shape)
+    return total

@@ -1,0 +1,10 @@
+"""Meshes, logical-axis rules and their resolution to shardings. Knows nothing about models."""
+
+from sharding.mesh import MESH_AXES, MeshError, describe, make_mesh, resolve_axis_sizes
+from sharding.partition import (ActivationSharding, PartitionError,
+                                logical_to_spec, tree_shardings)
+from sharding.rules import PRESETS, RulesError, make_rules
+
+__all__ = ["MESH_AXES", "MeshError", "describe", "make_mesh", "resolve_axis_sizes",
+           "ActivationSharding", "PartitionError", "logical_to_spec",
+           "tree_shardings", "PRESETS", "RulesError", "make_rules"]

@@ -1,0 +1,84 @@
+"""The rules table: logical axis name -> mesh axes.
+
+Parameters and activations carry logical names (e.g. ("embed", "mlp")); a rules table
+maps each name to zero or more mesh axes. A new parallelism strategy is a new table,
+not new code. Parameter names and activation names are disjoint ("embed" vs
+"act_embed") so FSDP can shard a weight's embed dimension over `fsdp` while the
+activations' batch dimension uses the same mesh axis.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+MeshAxes = tuple[str, ...]
+Rules = dict[str, MeshAxes]
+
+# Every logical name the rules must cover. An unknown name is an error, never a silent
+# replication.
+PARAM_NAMES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "length")
+ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
+                    "act_kv_heads", "act_vocab")
+
+_BATCH = {"batch": ("data", "fsdp")}
+_FSDP = {"embed": ("fsdp",)}
+_TP = {
+    "mlp": ("model",), "heads": ("model",), "kv_heads": ("model",), "vocab": ("model",),
+    "act_mlp": ("model",), "act_heads": ("model",), "act_kv_heads": ("model",),
+    "act_vocab": ("model",),
+}
+
+# dp: replicate parameters, split the batch.
+# fsdp: also shard every parameter's embed dimension over `fsdp` (ZeRO-3 style:
+#       weights are all-gathered per layer, gradients reduce-scattered).
+# tp: shard heads / mlp / vocab over `model` (Megatron-style tensor parallel).
+# fsdp_tp: both.
+PRESETS: dict[str, dict[str, MeshAxes]] = {
+    "dp": {**_BATCH},
+    "fsdp": {**_BATCH, **_FSDP},
+    "tp": {**_BATCH, **_TP},
+    "fsdp_tp": {**_BATCH, **_FSDP, **_TP},
+}
+
+
+class RulesError(ValueError):
+    """A rules table that does not fit the logical names or the mesh."""
+
+
+def _as_axes(value: object, name: str) -> MeshAxes:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise RulesError(f"rule for {name!r} must be null, a mesh axis or a list of mesh axes, "
+                     f"got {value!r}")
+
+
+def make_rules(spec: str | Mapping[str, object], mesh_axes: tuple[str, ...]) -> Rules:
+    """A complete rules table from a preset name or a mapping.
+
+    A mapping may name a preset under the key "preset" and override single names;
+    names it leaves out are replicated (mapped to no mesh axis).
+    """
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    spec = dict(spec)
+    preset = spec.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise RulesError(f"unknown rules preset {preset!r}; known: {', '.join(PRESETS)}")
+    known = set(PARAM_NAMES) | set(ACTIVATION_NAMES)
+    rules: Rules = {name: () for name in known}
+    rules.update(PRESETS.get(preset, {}))
+    for name, value in spec.items():
+        if name not in known:
+            raise RulesError(f"rules name unknown logical axis {name!r}; known: "
+                             f"{', '.join(sorted(known))}")
+        rules[name] = _as_axes(value, name)
+    for name, axes in rules.items():
+        for axis in axes:
+            if axis not in mesh_axes:
+                raise RulesError(f"rule {name!r} -> {axis!r}: no such mesh axis "
+                                 f"(mesh axes: {', '.join(mesh_axes)})")
+    return rules

@@ -1,0 +1,36 @@
+"""Test set-up: 8 fake CPU devices, configured before JAX initializes its backend."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from train.config import load_config  # noqa: E402
+
+# A model small enough to compile in seconds, with every dimension divisible by 8 so
+# each mesh up to 8 devices applies.
+SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.num_kv_heads=4",
+         "model.mlp_dim=128", "model.max_seq_len=64", "model.dtype=float32",
+         "train.seq_len=16", "train.batch_size=8", "data.source=synthetic",
+         "compile_cache_dir=null"]
+
+
+def small_config(*overrides: str):
+    """configs/tiny.yaml shrunk further (SMALL) plus `overrides`."""
+    return load_config(str(REPO / "configs" / "tiny.yaml"), SMALL + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert len(jax.devices()) == 8, "tests need 8 fake CPU devices (see conftest.py)"
+    return jax.devices()

@@ -1,0 +1,63 @@
+"""`python -m train` end to end, as a user runs it, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_cli(*args, devices=8, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--config", "configs/tiny.yaml", f"output_dir={out}", "train.steps=40",
+                   "train.log_every=10", "train.seq_len=64", "mesh.data=2", "mesh.fsdp=2",
+                   "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unigram entropy" in proc.stdout and "data=2, fsdp=2, model=2" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    for row in rows:
+        assert {"step", "loss", "tokens_per_sec", "grad_norm", "lr", "mfu"} <= set(row)
+        assert row["tokens_per_sec"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert (out / "config.yaml").exists()
+
+
+def test_no_config_means_default_yaml(tmp_path):
+    proc = run_cli(f"output_dir={tmp_path}", "train.steps=2", "train.log_every=1",
+                   "compile_cache_dir=null", devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data=2, fsdp=1, model=1" in proc.stdout  # default.yaml: data=-1 over 2 devices
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.stpes=3"], "error: unknown config key 'train.stpes'; did you mean 'train.steps'?"),
+    (["--config", "configs/nope.yaml"], "error: config file 'configs/nope.yaml' not found"),
+    (["mesh.data=3", "mesh.fsdp=-1"], "error: mesh (data=3, fsdp=-1, model=1) cannot fill -1: 8 devices do "
+                      "not divide by 3"),
+    (["mesh.data=4", "mesh.fsdp=4"], "error: mesh (data=4, fsdp=4, model=1) needs 16 devices "
+                                     "but 8 exist; change the sizes or set one axis to -1"),
+    (["mesh.data=1", "mesh.fsdp=8", "model.style=gpt2", "model.d_model=100",
+      "model.num_heads=4", "model.num_kv_heads=null"],
+     "error: params/blocks/attn_norm_bias (shape (4, 100), logical axes ('layers', 'embed'), mesh data=1, "
+     "fsdp=8, model=1 (8 devices)): dimension 'embed'=100 does not divide by fsdp=8"),
+    (["train.batch_size=12"], "error: train.batch_size=12 / train.microbatches=1 = 12 "
+                              "sequences per microbatch do not divide by mesh data x fsdp = 8"),
+])
+def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
+    proc = run_cli(*args, f"output_dir={tmp_path}", "compile_cache_dir=null", "train.steps=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

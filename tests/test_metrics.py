@@ -1,0 +1,41 @@
+"""FLOPs accounting and peak lookup."""
+
+import json
+
+from conftest import REPO
+from models import count_params
+from train.config import load_config
+from train.metrics import MetricsLog, flops_per_token, peak_flops_per_device
+
+
+class FakeDevice:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_flops_per_token_gpt2_small_by_hand():
+    cfg = load_config(str(REPO / "configs" / "gpt2-124m.yaml")).model
+    expected = 6 * 123_689_472 + 12 * 12 * 768 * 1024
+    assert flops_per_token(cfg, 1024) == expected
+    assert count_params(cfg) == 123_689_472
+
+
+def test_peak_lookup_and_override():
+    assert peak_flops_per_device(FakeDevice("NVIDIA H100 80GB HBM3"), None) == 989e12
+    assert peak_flops_per_device(FakeDevice("TPU v5 lite"), None) == 197e12
+    assert peak_flops_per_device(FakeDevice("TPU v5p"), None) == 459e12
+    assert peak_flops_per_device(FakeDevice("cpu"), None) is None
+    assert peak_flops_per_device(FakeDevice("cpu"), 1.5) == 1.5e12
+
+
+def test_metrics_log_rows(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl", tokens_per_step=100, flops_per_token=10.0,
+                     num_devices=2, peak_flops=1e3, write=True)
+    log.start(0)
+    log.push(5, {"loss": 2.5, "grad_norm": 1.0, "lr": 0.1, "z_loss": 0.0})
+    (row,) = log.flush()
+    assert row["step"] == 5 and row["loss"] == 2.5
+    assert abs(row["tokens_per_sec"] * row["step_time_s"] - 100) < 1e-6
+    assert abs(row["mfu"] - row["tokens_per_sec"] * 10 / 2 / 1e3) < 1e-9
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 5

@@ -1,0 +1,120 @@
+"""The train step against hand computations and against itself at another batching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sharding
+from conftest import small_config
+from train.data import Batches
+from train.optimizer import decay_mask, make_schedule
+from train.state import build_state
+from train.step import compute_grads, cross_entropy, train_step
+
+
+def test_cross_entropy_and_z_loss_by_hand():
+    logits = jnp.array([[[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]]])
+    targets = jnp.array([[1, 0]])
+    lse = np.log(np.exp([1.0, 2.0, 0.5]).sum()), np.log(np.exp([0.0, 0.0, 3.0]).sum())
+    ce_expected = ((lse[0] - 2.0) + (lse[1] - 0.0)) / 2
+    z_expected = 1e-3 * (lse[0] ** 2 + lse[1] ** 2) / 2
+    total, (ce, z) = cross_entropy(logits, targets, z_loss=1e-3)
+    np.testing.assert_allclose(ce, ce_expected, rtol=1e-6)
+    np.testing.assert_allclose(z, z_expected, rtol=1e-6)
+    np.testing.assert_allclose(total, ce_expected + z_expected, rtol=1e-6)
+
+
+def _state_and_batch(cfg, devices, shape=(2, 2, 2)):
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices=devices)
+    state, _ = build_state(cfg, mesh)
+    batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+    return state, Batches(cfg, batch_sharding, None).batch(0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(devices):
+    k = 4
+    big = small_config("train.batch_size=32")
+    micro = small_config("train.batch_size=32", f"train.microbatches={k}")
+    state, batch_big = _state_and_batch(big, devices)
+    _, batch_micro = _state_and_batch(micro, devices)
+    assert batch_micro["inputs"].shape == (k, 8, 16) and batch_big["inputs"].shape == (1, 32, 16)
+    # Same 32 sequences, split into 4 microbatches of 8.
+    np.testing.assert_array_equal(np.asarray(batch_micro["inputs"]).reshape(32, 16),
+                                  np.asarray(batch_big["inputs"]).reshape(32, 16))
+    ce_big, _, g_big = jax.jit(compute_grads)(state, batch_big)
+    ce_micro, _, g_micro = jax.jit(compute_grads)(state, batch_micro)
+    np.testing.assert_allclose(ce_micro, ce_big, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_micro), jax.tree.leaves(g_big)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_weight_decay_skips_norms_biases_embeddings(devices):
+    """With zero gradients AdamW only decays: decayed weights shrink by lr*wd, the rest
+    stay put."""
+    cfg = small_config("model.style=gpt2", "model.num_kv_heads=8", "optimizer.warmup_steps=0",
+                       "optimizer.weight_decay=0.5", "optimizer.lr=0.1")
+    state, _ = _state_and_batch(cfg, devices)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = state.tx.update(zeros, state.opt_state, state.params)
+    mask = decay_mask(state.params, ["norm", "bias", "embedding"])
+    flat_u = jax.tree.leaves(updates)
+    flat_p = jax.tree.leaves(state.params)
+    flat_m = jax.tree.leaves(mask)
+    assert sum(flat_m) == 6 and len(flat_m) == 20  # wq wk wv wo w_in w_out decay
+    for u, p, m in zip(flat_u, flat_p, flat_m):
+        expected = -0.1 * 0.5 * np.asarray(p) if m else np.zeros(p.shape)
+        np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = small_config("optimizer.lr=1.0", "optimizer.warmup_steps=10",
+                       "optimizer.min_lr_ratio=0.1").optimizer
+    lr = make_schedule(cfg, total_steps=110)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(5)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(10)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(60)), 0.1 + 0.9 * 0.5, rtol=1e-5)  # halfway down
+    np.testing.assert_allclose(float(lr(110)), 0.1, rtol=1e-5)
+
+
+def test_step_metrics_and_counter(devices):
+    cfg = small_config("optimizer.grad_clip=0.01")
+    state, batch = _state_and_batch(cfg, devices)
+    new_state, metrics = jax.jit(train_step)(state, batch)
+    assert int(new_state.step) == 1
+    assert set(metrics) == {"loss", "z_loss", "grad_norm", "lr"}
+    grads = jax.jit(compute_grads)(state, batch)[2]
+    norm = np.sqrt(sum(float(jnp.sum(g.astype(jnp.float32) ** 2))
+                       for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rules", ["dp", "fsdp", "tp", "fsdp_tp"])
+def test_param_shardings_follow_rules(rules, devices):
+    cfg = small_config(f"sharding.rules={rules}")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    state, _ = build_state(cfg, mesh)
+    fsdp = "fsdp" if "fsdp" in rules else None
+    tp = "model" if "tp" in rules else None
+    expected = {
+        "embedding": P(tp, fsdp),
+        "final_norm_scale": P(fsdp),
+        "wq": P(None, fsdp, tp, None),
+        "wk": P(None, fsdp, tp, None),
+        "wo": P(None, tp, None, fsdp),
+        "w_gate": P(None, fsdp, tp),
+        "w_out": P(None, tp, fsdp),
+        "attn_norm_scale": P(None, fsdp),
+    }
+    params = state.params
+    got = {"embedding": params["embedding"], "final_norm_scale": params["final_norm_scale"],
+           **{k: params["blocks"][k] for k in expected if k in params["blocks"]}}
+    for name, var in got.items():
+        arr = var.get_value()
+        assert arr.sharding.spec == expected[name], name
+        assert arr.sharding.mesh.shape == mesh.shape
+    # Adam's moments are laid out like the parameters they track.
+    mu = state.opt_state[1][0].mu
+    assert mu["blocks"]["wq"].get_value().sharding.spec == expected["wq"]

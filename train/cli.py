@@ -1,0 +1,50 @@
+"""The shared command line of every tool: `--config PATH key=value ...` plus the tool's
+own flags. User mistakes become one `error: ...` line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from train.config import Config, ConfigError, load_config
+
+# Errors a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from sharding import MeshError, PartitionError, RulesError
+    return USER_ERRORS + (MeshError, PartitionError, RulesError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: configs/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. mesh.data=2 model.num_layers=8")
+    return p
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
+          ) -> tuple[Config, argparse.Namespace]:
+    args = p.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable
+
+
+def guarded(fn: Callable[[], object]) -> object:
+    """Run `fn`; user errors become one line and exit 2."""
+    try:
+        return fn()
+    except user_errors() as e:
+        fail(str(e))

@@ -1,0 +1,294 @@
+"""The one typed config schema, and loading it from YAML files plus key=value overrides.
+
+A YAML file may name `base: other.yaml` (or a list of them, applied in order); its own
+values override the base's. Overrides use dotted keys: `mesh.data=2 model.num_layers=8`.
+Every problem raises ConfigError with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from models.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: printed as one `error: ...` line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    # A preset name (dp, fsdp, tp, fsdp_tp) or a mapping logical name -> mesh axes,
+    # optionally with `preset: NAME` to start from.
+    rules: Union[str, dict] = "fsdp"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 20
+    decay_steps: Optional[int] = None  # None: train.steps
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: list = dataclasses.field(default_factory=lambda: ["norm", "bias", "embedding"])
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global sequences per optimizer step
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many
+    seq_len: int = 128
+    seed: int = 0
+    log_every: int = 10
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: Literal["stdlib", "synthetic"] = "stdlib"
+    val_fraction: float = 0.05
+    max_bytes: int = 16_000_000  # cap on the stdlib corpus read
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    peak_tflops: Optional[float] = None  # per device; None: looked up from the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    output_dir: Optional[str] = None  # None: runs/<name>
+    compile_cache_dir: Optional[str] = "~/.cache/shardlm/jax"  # null turns the cache off
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown(key: str, cls, prefix: str) -> ConfigError:
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + key!r}{hint}")
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            list: "a list", dict: "a mapping"}.get(origin or hint, str(hint))
+
+
+def _coerce(value: Any, hint, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint in (str, list, dict) or origin in (list, dict):
+        if isinstance(value, origin or hint):
+            return value
+    else:
+        raise TypeError(f"unsupported type {hint} for {key}")
+    raise ConfigError(f"{key}={value!r} is not allowed: expected {_describe(hint)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, cls, prefix)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + key} must be a mapping of keys, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "rules":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_base(name: str, relative_to: Path) -> Path:
+    for candidate in (relative_to / name, CONFIG_DIR / name):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"base config {name!r} (named in {str(relative_to)!r}) not found")
+
+
+def load_file(path: Path, _seen: tuple = ()) -> dict:
+    """The merged raw mapping of `path` and its base configs."""
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"config {str(path)!r} names itself as a base (cycle)")
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, load_file(_resolve_base(base, path.parent),
+                                          _seen + (resolved,)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """'mesh.data=2' -> {'mesh': {'data': 2}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML") from None
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (default configs/default.yaml) and key=value overrides."""
+    if path is None:
+        path_obj = Path("configs/default.yaml")
+        if not path_obj.exists():
+            path_obj = CONFIG_DIR / "default.yaml"
+    else:
+        path_obj = Path(path)
+    raw = load_file(path_obj)
+    raw.setdefault("name", path_obj.stem)
+    for text in overrides:
+        raw = _merge(raw, parse_override(text))
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that need no devices."""
+    try:
+        cfg.model.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = cfg.train
+    for key in ("steps", "batch_size", "microbatches", "seq_len", "log_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size={t.batch_size} does not divide by "
+                          f"train.microbatches={t.microbatches}")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
+                          f"{cfg.model.max_seq_len}")
+    if cfg.data.source == "stdlib" and cfg.model.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the "
+                          "byte-level stdlib corpus: it needs at least 256")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    unknown = set(cfg.optimizer.no_decay) - {"norm", "bias", "embedding"}
+    if unknown:
+        raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, bias, "
+                          "embedding")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the resolved config (for YAML beside the run)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,102 @@
+"""FLOPs, MFU and metric logging (metrics.jsonl), without a host sync every step.
+
+MFU formula (as nanoGPT and the PaLM paper count it):
+    flops_per_token = 6 * N + 12 * L * D_attn * T
+N: parameters without the position table (a tied head counted once), L: layers,
+D_attn: num_heads * head_size, T: sequence length. The 6N term is the forward and
+backward matmuls with the weights; the 12*L*D*T term is attention's QK^T and AV.
+    MFU = tokens_per_sec * flops_per_token / (num_devices * peak_flops_per_device)
+Remat recomputation is not counted (it is overhead, not useful work).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from models import ModelConfig, count_params
+
+# Dense bf16 peak FLOP/s per device (no sparsity), by substring of jax's device_kind.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "B200": 2250e12, "GB200": 2500e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v4": 275e12, "TPU v3": 123e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device: the override, else the table, else None (CPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = getattr(device, "device_kind", "")
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS[name]
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    n = count_params(cfg, exclude_positions=True)
+    attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    return 6 * n + attn
+
+
+class MetricsLog:
+    """Writes one JSON line per logged step to output_dir/metrics.jsonl (process 0).
+
+    `push(step, device_metrics)` stores device arrays without waiting for them;
+    `flush()` turns the stored ones into numbers. The loop flushes one step later, once
+    the next step is already queued, so the device never idles waiting for the host.
+    """
+
+    def __init__(self, path: Path, *, tokens_per_step: int, flops_per_token: float,
+                 num_devices: int, peak_flops: float | None, write: bool):
+        self.path, self.write = path, write
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.num_devices, self.peak_flops = num_devices, peak_flops
+        self.pending: list[tuple[int, dict]] = []
+        self.last_time: float | None = None
+        self.last_step: int | None = None
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def start(self, step: int) -> None:
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def push(self, step: int, metrics: dict[str, Any]) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> list[dict]:
+        """Fetch pending metrics (blocks until they are computed) and log them."""
+        rows = []
+        for step, metrics in self.pending:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            steps = step - self.last_step
+            dt = (now - self.last_time) / max(steps, 1)
+            self.last_time, self.last_step = now, step
+            tps = self.tokens_per_step / dt
+            tflops = tps * self.flops_per_token / self.num_devices / 1e12
+            row = {"step": step, **values, "tokens_per_sec": tps, "step_time_s": dt,
+                   "tflops_per_device": tflops,
+                   "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None}
+            rows.append(row)
+            if self.write:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        self.pending.clear()
+        return rows
+
+
+def format_row(row: dict) -> str:
+    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+    return (f"step {row['step']:>6} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f}"
+            f" | lr {row['lr']:.2e} | {row['tokens_per_sec']:,.0f} tok/s"
+            f" | {1000 * row['step_time_s']:.1f} ms/step"
+            f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}")
