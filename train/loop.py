@@ -118,8 +118,10 @@ def run(cfg: Config) -> list[dict]:
         for row in metrics.flush():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
-            if is_main:
-                bar.write(format_row(row)) if not bar.disable else log.info(format_row(row))
+            if is_main and not bar.disable:
+                bar.write(format_row(row))
+            elif is_main:
+                log.info(format_row(row))
         if step % cfg.train.log_every == 0 or step == steps:
             metrics.push(step, step_metrics)
         bar.update(1)

@@ -1,0 +1,24 @@
+"""`python -m train.layout`: the per-device memory it reports, checked by hand."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_llama8b_layout_on_64_fake_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.layout", "--config", "configs/llama-8b.yaml",
+         "--devices", "64", "mesh.fsdp=8", "mesh.model=8", "sharding.rules=fsdp_tp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("mesh data=1, fsdp=8, model=8 (64 devices)")
+    wq = next(line for line in lines if line.startswith("blocks/wq "))
+    assert "P(None, 'fsdp', 'model', None)" in wq
+    # fp32 parameters + two fp32 Adam moments, split evenly over 64 devices.
+    expected_gib = 8_030_261_248 * 4 * 3 / 64 / 2**30
+    reported = float(lines[-1].split(":")[1].split()[0])
+    assert abs(reported - expected_gib) < 0.001
