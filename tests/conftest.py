@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initializes its backend."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,16 @@ def small_config(*overrides: str):
 def devices():
     assert len(jax.devices()) == 8, "tests need 8 fake CPU devices (see conftest.py)"
     return jax.devices()
+
+
+def cli_env(devices: int = 8, **extra: str) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+
+
+def run_cli(*args: str, module: str = "train", devices: int = 8, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                          env=env or cli_env(devices), capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,20 +1,10 @@
 """`python -m train` end to end, as a user runs it, in a subprocess."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
-
-
-def run_cli(*args, devices=8, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import run_cli
 
 
 def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):

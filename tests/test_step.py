@@ -84,7 +84,7 @@ def test_step_metrics_and_counter(devices):
     state, batch = _state_and_batch(cfg, devices)
     new_state, metrics = jax.jit(train_step)(state, batch)
     assert int(new_state.step) == 1
-    assert set(metrics) == {"loss", "z_loss", "grad_norm", "lr"}
+    assert set(metrics) == {"loss", "z_loss", "grad_norm", "lr", "nonfinite", "skipped_steps"}
     grads = jax.jit(compute_grads)(state, batch)[2]
     norm = np.sqrt(sum(float(jnp.sum(g.astype(jnp.float32) ** 2))
                        for g in jax.tree.leaves(grads)))

@@ -27,9 +27,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str) -> None:
+def run_errors() -> tuple[type[BaseException], ...]:
+    """Failures of a run that are not config mistakes: exit code 1, one line."""
+    from train.checkpoint import CheckpointError
+    from train.loop import TrainingStopped
+    return (CheckpointError, TrainingStopped)
+
+
+def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
@@ -43,8 +50,11 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
 
 
 def guarded(fn: Callable[[], object]) -> object:
-    """Run `fn`; user errors become one line and exit 2."""
+    """Run `fn`; config mistakes become one line and exit 2, a checkpoint that cannot be
+    used or a run that stopped itself one line and exit 1."""
     try:
         return fn()
     except user_errors() as e:
         fail(str(e))
+    except run_errors() as e:
+        fail(str(e), code=1)

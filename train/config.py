@@ -62,6 +62,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
+    # A NaN/Inf loss or gradient norm: "stop" the run (the last good checkpoint stays) or
+    # "skip" the update and go on (counted as skipped_steps in the metrics).
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,17 @@ class DataConfig:
     source: Literal["stdlib", "synthetic"] = "stdlib"
     val_fraction: float = 0.05
     max_bytes: int = 16_000_000  # cap on the stdlib corpus read
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <output_dir>/checkpoints; gs://bucket/path works too
+    every_steps: int = 100  # 0: only at the end and on preemption
+    keep: int = 3  # the newest `keep` checkpoints are kept
+    keep_every: Optional[int] = None  # also keep every step divisible by this, forever
+    async_save: bool = True  # write in the background while training goes on
+    resume_from: Optional[str] = None  # another run's checkpoint dir, or one step's dir
+    load_params_only: bool = False  # with resume_from: parameters only (fine-tuning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +101,16 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     @property
     def run_dir(self) -> str:
         return self.output_dir or f"runs/{self.name}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir.rstrip('/')}/checkpoints"
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -283,6 +302,19 @@ def validate(cfg: Config) -> None:
                           "byte-level stdlib corpus: it needs at least 256")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.keep < 1 or (c.keep_every is not None and c.keep_every < 1):
+        raise ConfigError("checkpoint.every_steps must be >= 0, checkpoint.keep >= 1 and "
+                          "checkpoint.keep_every >= 1 or null")
+    if c.load_params_only and not c.resume_from:
+        raise ConfigError("checkpoint.load_params_only needs checkpoint.resume_from (the "
+                          "checkpoint to take the parameters from)")
+    for key in ("output_dir", "checkpoint.dir", "checkpoint.resume_from"):
+        value = cfg.output_dir if key == "output_dir" else getattr(c, key.split(".")[1])
+        if value and value.startswith("s3://"):
+            raise ConfigError(f"{key}={value!r}: s3:// is not supported (Orbax 0.12 cannot "
+                              "write it; see README 'Checkpoints'); use gs://, a local path "
+                              "or a mounted bucket")
     unknown = set(cfg.optimizer.no_decay) - {"norm", "bias", "embedding"}
     if unknown:
         raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, bias, "

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import yaml
+from etils import epath
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 import sharding
+from train.checkpoint import Checkpoints, start_state
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, load_stdlib_corpus, tokens_per_step
 from train.metrics import MetricsLog, flops_per_token, format_row, peak_flops_per_device
-from train.state import build_state
+from train.state import plan_state
 from train.step import jit_train_step
 
 log = logging.getLogger("train")
@@ -40,6 +42,18 @@ def enable_compile_cache(cache_dir: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (non-finite loss); the message says why and what to do."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM: a checkpoint was written; exit 143 (128 + SIGTERM) so schedulers see an
+    incomplete run, and a rerun of the same command resumes."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
 def check_batch_fits(cfg: Config, mesh) -> None:
     """The per-microbatch batch must split evenly over the batch mesh axes."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -51,12 +65,44 @@ def check_batch_fits(cfg: Config, mesh) -> None:
             f"mesh data x fsdp = {ways}; change the batch size or the mesh")
 
 
+def check_writable(path: str) -> None:
+    """Fail before any compiling when output_dir cannot be written."""
+    probe = epath.Path(path) / ".write-probe"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:
+        raise ConfigError(f"output_dir={path!r} is not writable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+class SigtermFlag:
+    """Set by SIGTERM; on several hosts JAX's preemption sync point decides, so every
+    process stops at the same step."""
+
+    def __init__(self, ckpts: Checkpoints):
+        self.ckpts, self.received = ckpts, False
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.ckpts.manager.reached_preemption(step)
+        return self.received
+
+
 def run(cfg: Config) -> list[dict]:
-    """Train per `cfg`; returns the logged metric rows."""
+    """Train per `cfg`, resuming from its latest checkpoint; returns the logged rows."""
     setup_logging()
     is_main = jax.process_index() == 0
-    out_dir = Path(cfg.run_dir)
+    out_dir = cfg.run_dir
     enable_compile_cache(cfg.compile_cache_dir)
+    if is_main:
+        check_writable(out_dir)
 
     # Mesh: named axes over all devices; one -1 axis takes the rest.
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
@@ -68,14 +114,23 @@ def run(cfg: Config) -> list[dict]:
     # Rules: logical axis -> mesh axes.
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
 
-    # State: abstract init -> shardings -> jit(init, out_shardings).
-    state, state_shardings = build_state(cfg, mesh, rules)
+    # State: abstract plan -> shardings -> latest checkpoint, resume_from, or jit(init).
+    init, abstract, state_shardings = plan_state(cfg, mesh, rules)
+    ckpts = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint)
+    steps = cfg.train.steps
+    if (ckpts.latest_step() or 0) >= steps:
+        log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
+                 ckpts.latest_step(), ckpts.directory, steps)
+        ckpts.close()
+        return []
+    state, start = start_state(cfg, ckpts, init, abstract, state_shardings, log)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
              cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
              cfg.sharding.rules)
 
-    # Data: per-host rows -> global (microbatch, batch, length) arrays.
+    # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
+    # function of (seed, i), so a resumed run continues the same stream.
     batch_spec = sharding.logical_to_spec((None, "batch", None), (
         cfg.train.microbatches, cfg.train.batch_size // cfg.train.microbatches,
         cfg.train.seq_len), rules, mesh, "batch")
@@ -93,28 +148,39 @@ def run(cfg: Config) -> list[dict]:
     step_fn = jit_train_step(state_shardings, {"inputs": batch_sharding,
                                                "targets": batch_sharding})
     t0 = time.perf_counter()
-    step_fn = step_fn.lower(state, batches.batch(0)).compile()
+    step_fn = step_fn.lower(state, batches.batch(start)).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
 
-    # Output: resolved config beside the metrics.
+    # Output: resolved config beside the metrics; metrics past `start` are dropped.
+    config_dict = to_dict(cfg)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    metrics = MetricsLog(out_dir / "metrics.jsonl", tokens_per_step=tokens_per_step(cfg),
+        (epath.Path(out_dir) / "config.yaml").write_text(
+            yaml.safe_dump(config_dict, sort_keys=False))
+    metrics = MetricsLog(f"{out_dir.rstrip('/')}/metrics.jsonl",
+                         tokens_per_step=tokens_per_step(cfg),
                          flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
                          num_devices=jax.device_count(),
                          peak_flops=peak_flops_per_device(jax.devices()[0],
                                                           cfg.metrics.peak_tflops),
-                         write=is_main)
+                         write=is_main, start_step=start)
 
-    # Loop: metrics are fetched one step late so the host never stalls the device.
+    def save(step: int) -> None:
+        meta = {"step": step, "data": {"seed": cfg.train.seed, "next_batch": step}}
+        ckpts.save(step, state, meta, config_dict)
+
+    # Loop: metrics and the non-finite flag are read one step late, so the host never
+    # stalls the device; checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
+    preempted = SigtermFlag(ckpts)
     rows: list[dict] = []
-    steps = cfg.train.steps
-    bar = tqdm(total=steps, disable=None if is_main else True, dynamic_ncols=True,
-               desc="train", file=sys.stdout)
-    metrics.start(0)
-    for step in range(1, steps + 1):
+    bar = tqdm(total=steps, initial=start, disable=None if is_main else True,
+               dynamic_ncols=True, desc="train", file=sys.stdout)
+    metrics.start(start)
+    previous = None  # (step, metrics) of the step before the one just dispatched
+    every = cfg.checkpoint.every_steps
+    for step in range(start + 1, steps + 1):
         state, step_metrics = step_fn(state, batches.batch(step - 1))
+        if previous is not None:
+            check_finite(cfg, *previous, ckpts)
         for row in metrics.flush():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
@@ -124,11 +190,42 @@ def run(cfg: Config) -> list[dict]:
                 log.info(format_row(row))
         if step % cfg.train.log_every == 0 or step == steps:
             metrics.push(step, step_metrics)
+        previous = (step, step_metrics)
         bar.update(1)
+        stop = preempted(step)
+        if (every and step % every == 0) or step == steps or stop:
+            check_finite(cfg, step, step_metrics, ckpts)  # never save past a bad step
+            save(step)
+        if stop:
+            ckpts.wait()
+            rows.extend(metrics.flush())
+            bar.close()
+            log.info("preempted (SIGTERM): saved step %d to %s; rerun the same command to "
+                     "resume", step, ckpts.directory)
+            ckpts.close()
+            raise Preempted()
+    check_finite(cfg, *previous, ckpts)
     rows.extend(metrics.flush())
     bar.close()
+    ckpts.wait()
+    ckpts.close()
     if is_main and rows:
         log.info(format_row(rows[-1]))
         log.info("done: %d steps, final loss %.4f, metrics in %s", steps, rows[-1]["loss"],
-                 out_dir / "metrics.jsonl")
+                 f"{out_dir.rstrip('/')}/metrics.jsonl")
     return rows
+
+
+def check_finite(cfg: Config, step: int, step_metrics: dict, ckpts: Checkpoints) -> None:
+    """Stop on a NaN/Inf loss or gradient norm (unless train.nonfinite=skip). The step's
+    update was already dropped in-graph, so nothing bad reaches a checkpoint."""
+    if cfg.train.nonfinite == "skip" or not int(step_metrics["nonfinite"]):
+        return
+    ckpts.wait()
+    last = ckpts.latest_step()
+    kept = f"the last checkpoint (step {last}) is kept" if last is not None else \
+        "no checkpoint was written yet"
+    raise TrainingStopped(
+        f"non-finite loss or gradient norm at step {step} (loss={float(step_metrics['loss'])},"
+        f" grad_norm={float(step_metrics['grad_norm'])}); {kept}; lower optimizer.lr or set "
+        "train.nonfinite=skip to skip such steps")

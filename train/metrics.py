@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from models import ModelConfig, count_params
 
@@ -54,17 +54,25 @@ class MetricsLog:
     the next step is already queued, so the device never idles waiting for the host.
     """
 
-    def __init__(self, path: Path, *, tokens_per_step: int, flops_per_token: float,
-                 num_devices: int, peak_flops: float | None, write: bool):
-        self.path, self.write = path, write
+    def __init__(self, path: str, *, tokens_per_step: int, flops_per_token: float,
+                 num_devices: int, peak_flops: float | None, write: bool, start_step: int = 0):
+        self.path, self.write = epath.Path(path), write
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.num_devices, self.peak_flops = num_devices, peak_flops
         self.pending: list[tuple[int, dict]] = []
         self.last_time: float | None = None
         self.last_step: int | None = None
+        # Rows already logged up to start_step (a resumed run) are kept, later ones
+        # dropped, so every step appears once. Remote files (gs://) cannot be appended
+        # to: they are rewritten whole at each flush.
+        self.remote = "://" in str(path)
+        self.lines: list[str] = []
         if write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if start_step and self.path.exists():
+                self.lines = [line for line in self.path.read_text().splitlines()
+                              if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in self.lines))
 
     def start(self, step: int) -> None:
         self.last_time, self.last_step = time.perf_counter(), step
@@ -87,10 +95,15 @@ class MetricsLog:
                    "tflops_per_device": tflops,
                    "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None}
             rows.append(row)
-            if self.write:
-                with self.path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
         self.pending.clear()
+        if self.write and rows:
+            new = [json.dumps(row) for row in rows]
+            if self.remote:
+                self.lines += new
+                self.path.write_text("".join(line + "\n" for line in self.lines))
+            else:
+                with self.path.open("a") as f:
+                    f.write("".join(line + "\n" for line in new))
         return rows
 
 

@@ -30,7 +30,8 @@ class StepConfig:
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: steps taken (batches consumed)
+    skipped: jax.Array  # int32 scalar: steps whose update was dropped as non-finite
     params: nnx.State  # nnx.Param nodes carrying `logical_axes`
     opt_state: optax.OptState
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
@@ -63,11 +64,19 @@ def make_init(cfg: Config, mesh: Mesh, rules) -> Callable[[jax.Array], TrainStat
     def init(key: jax.Array) -> TrainState:
         model = Transformer(cfg.model, rngs=nnx.Rngs(params=key), constrain=constrain)
         graphdef, params = nnx.split(model)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        return TrainState(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                          params=params,
                           opt_state=tx.init(params), graphdef=graphdef, tx=tx,
                           step_cfg=step_cfg)
 
     return init
+
+
+def plan_state(cfg: Config, mesh: Mesh, rules) -> tuple[Callable, TrainState, Any]:
+    """(init, abstract state, shardings): everything but the arrays themselves."""
+    init = make_init(cfg, mesh, rules)
+    abstract = jax.eval_shape(init, jax.random.key(cfg.train.seed))
+    return init, abstract, state_shardings(abstract, mesh, rules)
 
 
 def build_state(cfg: Config, mesh: Mesh, rules=None) -> tuple[TrainState, Any]:
@@ -78,11 +87,8 @@ def build_state(cfg: Config, mesh: Mesh, rules=None) -> tuple[TrainState, Any]:
     """
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
-    init = make_init(cfg, mesh, rules)
-    key = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(init, key)
-    shardings = state_shardings(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    init, _, shardings = plan_state(cfg, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
     return state, shardings
 
 

@@ -62,13 +62,26 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
 def train_step(state: TrainState, batch: dict[str, jax.Array]
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Metrics: loss (cross-entropy), z_loss, grad_norm (before
-    clipping), lr (the rate this step used)."""
+    clipping), lr (the rate this step used), nonfinite (1 if the loss or gradient norm
+    was NaN/Inf), skipped_steps (how many updates were dropped so far).
+
+    A non-finite step never reaches the parameters: its update is dropped in-graph
+    (the loop then stops or goes on, per train.nonfinite), so the state, and any
+    checkpoint of it, stays the last good one.
+    """
     ce, z, grads = compute_grads(state, batch)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": ce, "z_loss": z, "grad_norm": optax.tree.norm(grads),
-               "lr": state.step_cfg.schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    skipped = state.skipped + (~ok).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, skipped=skipped,
+                              params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss": ce, "z_loss": z, "grad_norm": grad_norm,
+               "lr": state.step_cfg.schedule(state.step), "nonfinite": (~ok).astype(jnp.int32),
+               "skipped_steps": skipped}
     return new_state, metrics
 
 

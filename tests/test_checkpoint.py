@@ -1,0 +1,210 @@
+"""Checkpoints, resume and preemption, run as a user runs them (subprocesses killed at
+chosen moments), compared bit for bit with an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+
+STEPS = 24
+# A small model on a (data=2, fsdp=2, model=2) mesh of 8 fake devices, logging every
+# step, a checkpoint every 4 steps (async by default). The lr schedule is fixed to 24
+# steps, so runs of other lengths follow the same trajectory.
+RUN = ["--config", "configs/tiny.yaml", f"train.steps={STEPS}", "train.log_every=1",
+       "train.seq_len=32", "train.batch_size=8", "model.num_layers=2", "model.d_model=64",
+       "model.mlp_dim=128", "mesh.data=2", "mesh.fsdp=2", "mesh.model=2",
+       "sharding.rules=fsdp_tp", "checkpoint.every_steps=4", "data.max_bytes=2000000",
+       f"optimizer.decay_steps={STEPS}", "compile_cache_dir=null"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", *RUN, f"output_dir={out}", *extra],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, deadline_s: float = 300) -> None:
+    end = time.time() + deadline_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stdout.read()}")
+        if time.time() > end:
+            proc.kill()
+            raise AssertionError("deadline passed")
+        time.sleep(0.01)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_cli(*RUN, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = losses(out)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref
+
+
+def test_sigkill_anywhere_then_rerun_is_bit_identical(reference, tmp_path):
+    out = tmp_path / "run"
+    # 1) killed mid-run, between checkpoints
+    proc = start(out)
+    wait_for(lambda: logged_steps(out) >= 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # 2) killed while a checkpoint is being written (a temporary step directory exists)
+    proc = start(out)
+    ckpt_dir = out / "checkpoints"
+    in_save = lambda: ckpt_dir.exists() and any("tmp" in p.name for p in ckpt_dir.iterdir())
+    wait_for(lambda: in_save() or logged_steps(out) >= 18, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # 3) run to the end
+    proc = run_cli(*RUN, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step" in proc.stdout
+    assert losses(out) == reference  # every step once, bit-identical floats
+    assert not any("tmp" in p.name for p in ckpt_dir.iterdir())
+
+
+def test_rerun_of_finished_run_exits_0(reference, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8")
+    assert proc.returncode == 0
+    assert "run already finished: checkpoint at step 8" in proc.stdout
+
+
+def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "checkpoint.every_steps=0")  # no periodic saves: only the SIGTERM one
+    wait_for(lambda: logged_steps(out) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, text[-3000:]
+    line = next(l for l in text.splitlines() if "preempted (SIGTERM): saved step" in l)
+    step = int(line.split("saved step ")[1].split()[0])
+    assert (out / "checkpoints" / str(step)).is_dir() and step < STEPS
+    proc = run_cli(*RUN, f"output_dir={out}", "checkpoint.every_steps=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {step}" in proc.stdout
+    assert losses(out) == reference
+
+
+def test_keep_and_keep_every(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*RUN, f"output_dir={out}", "checkpoint.every_steps=2", "checkpoint.keep=2",
+                   "checkpoint.keep_every=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert steps == [10, 20, 22, 24]
+    saved = json.loads((out / "checkpoints" / "24" / "config" / "metadata").read_text())
+    assert saved["train"]["steps"] == STEPS and saved["mesh"]["model"] == 2
+    meta = json.loads((out / "checkpoints" / "24" / "meta" / "metadata").read_text())
+    assert meta["data"]["next_batch"] == 24
+
+
+def test_half_written_step_is_ignored_and_cleaned(reference, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+    junk = out / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "garbage").write_bytes(b"\0" * 100)
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 8" in proc.stdout
+    assert not junk.exists()
+    assert losses(out) == {s: reference[s] for s in range(1, 13)}
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    explode = ["optimizer.lr=1e12", "optimizer.grad_clip=0", "optimizer.warmup_steps=0",
+               "checkpoint.every_steps=1"]
+    proc = run_cli(*RUN, f"output_dir={out}", *explode)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite loss or gradient norm at "
+                                                   "step 2"), proc.stderr
+    assert "the last checkpoint (step 1) is kept" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+    # skip mode: such steps are dropped, counted, and the run finishes
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'skip'}", *explode, "train.nonfinite=skip",
+                   "train.steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().split("\n")
+            if l]
+    assert rows[-1]["skipped_steps"] == 5 and rows[0]["nonfinite"] == 0
+
+
+def test_resume_from_and_params_only(reference, tmp_path):
+    base = tmp_path / "base"
+    assert run_cli(*RUN, f"output_dir={base}", "train.steps=8").returncode == 0
+    # continue another run's checkpoint in a new directory: same trajectory
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'cont'}", f"checkpoint.resume_from={base}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 8 of" in proc.stdout
+    cont = losses(tmp_path / "cont")
+    assert cont == {s: reference[s] for s in range(9, STEPS + 1)}
+    # fine-tuning: parameters only, from a step directory; step and optimizer start over
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'ft'}", "train.steps=4",
+                   f"checkpoint.resume_from={base / 'checkpoints' / '8'}",
+                   "checkpoint.load_params_only=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters from step 8" in proc.stdout
+    ft = losses(tmp_path / "ft")
+    assert sorted(ft) == [1, 2, 3, 4]
+    assert ft[1] < reference[1] - 0.2  # starts from trained weights, not from scratch
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*RUN, f"output_dir={out}", "train.steps=4").returncode == 0
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8", "model.d_model=128")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert ("does not match the model: blocks/attn_norm_scale has shape (2, 64) in the "
+            "checkpoint and (2, 128) in the model") in lines[0]
+
+
+def test_corrupt_checkpoint_names_path_step_and_fallback(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+    state_dir = out / "checkpoints" / "8" / "state"
+    for f in state_dir.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupt")
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=12")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint step 8 in {out / 'checkpoints'} cannot be read")
+    assert f"delete {out / 'checkpoints'}/8 to fall back to step 4" in line
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli(*RUN, f"output_dir={blocker}/run")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: output_dir='{blocker}/run' is not "
+                                                   "writable")

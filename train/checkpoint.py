@@ -1,0 +1,179 @@
+"""Orbax checkpoints of the train state, its data position and the resolved config.
+
+Layout (Orbax CheckpointManager): <dir>/<step>/{state, meta, config}. `state` holds step,
+skipped, params and optimizer state as sharded arrays; `meta` the data position and seed;
+`config` the resolved config as JSON. Orbax writes a step into a temporary directory and
+renames it (local disk) or writes a commit marker (gs://) only when it is complete, so a
+crash mid-save leaves nothing that restores; leftovers are removed on the next start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from train.config import CheckpointConfig
+
+STATE, META, CONFIG = "state", "meta", "config"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: printed as one line, non-zero exit."""
+
+
+def state_tree(state) -> dict[str, Any]:
+    """The arrays of a TrainState that a checkpoint holds."""
+    return {"step": state.step, "skipped": state.skipped, "params": state.params,
+            "opt_state": state.opt_state}
+
+
+def abstract_tree(abstract_state, shardings) -> dict[str, Any]:
+    """ShapeDtypeStructs with the target shardings: Orbax restores straight into them,
+    resharding when the checkpoint was written on another mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state_tree(abstract_state), state_tree(shardings))
+
+
+def split_step_dir(path: str) -> tuple[str, int | None]:
+    """'.../checkpoints/500' -> ('.../checkpoints', 500); a run's directory -> (path, None)."""
+    p = epath.Path(path)
+    if p.name.isdigit() and (p / STATE).exists():
+        return str(p.parent), int(p.name)
+    return path, None
+
+
+class Checkpoints:
+    """A directory of numbered checkpoints (an Orbax CheckpointManager)."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig | None = None, *,
+                 read_only: bool = False):
+        cfg = cfg or CheckpointConfig()
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, keep_period=cfg.keep_every,
+            enable_async_checkpointing=cfg.async_save and not read_only,
+            create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)
+        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+                    CONFIG: ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, config: dict) -> None:
+        """Start saving; with async saves this returns once the arrays are copied off
+        the devices, and the write continues in the background."""
+        self.manager.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state_tree(state)),
+            META: ocp.args.JsonSave(meta), CONFIG: ocp.args.JsonSave(config)}), force=True)
+
+    def wait(self) -> None:
+        """Block until every started save is committed (raises if one failed)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def _where(self, step: int) -> str:
+        return f"checkpoint step {step} in {self.directory}"
+
+    def check_params(self, step: int, abstract_params: nnx.State) -> None:
+        """Raise CheckpointError naming the first parameter whose shape differs."""
+        try:
+            saved = self.manager.item_metadata(step)[STATE]
+            saved = getattr(saved, "tree", saved)["params"]
+        except Exception as e:  # unreadable metadata: report path and step
+            raise self._unreadable(step, e) from None
+        for path, var in nnx.to_flat_state(abstract_params):
+            node = saved
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            node = node.get("value") if isinstance(node, dict) else node
+            name = "/".join(map(str, path))
+            want = tuple(var.get_value().shape)
+            if node is None:
+                raise CheckpointError(f"{self._where(step)} does not match the model: it has "
+                                      f"no parameter {name} (model shape {want})")
+            if tuple(node.shape) != want:
+                raise CheckpointError(f"{self._where(step)} does not match the model: {name} "
+                                      f"has shape {tuple(node.shape)} in the checkpoint and "
+                                      f"{want} in the model")
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        older = [s for s in self.all_steps() if s < step]
+        fallback = (f"delete {self.directory}/{step} to fall back to step {older[-1]}"
+                    if older else "delete it to start over")
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return CheckpointError(f"{self._where(step)} cannot be read ({type(error).__name__}: "
+                               f"{first}); {fallback}")
+
+    def restore(self, step: int, target: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """(state arrays laid out as `target`, meta) of checkpoint `step`."""
+        self.check_params(step, target["params"])
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        return out[STATE], out[META]
+
+    def restore_params(self, step: int, target_params: nnx.State) -> nnx.State:
+        """Only the parameters of checkpoint `step` (no optimizer state)."""
+        self.check_params(step, target_params)
+        item = {"params": target_params}
+        path = epath.Path(self.directory) / str(step) / STATE
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                out = reader.restore(path, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True))
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        return out["params"]
+
+
+def find_checkpoint(path: str) -> tuple[Checkpoints, int]:
+    """A checkpoint to start from: a step directory, a checkpoint directory (its
+    latest step) or a run's output_dir (its checkpoints/ subdirectory)."""
+    root, step = split_step_dir(path)
+    if step is None and (epath.Path(root) / "checkpoints").exists():
+        root = str(epath.Path(root) / "checkpoints")
+    if not epath.Path(root).exists():
+        raise CheckpointError(f"checkpoint.resume_from={path!r} does not exist")
+    source = Checkpoints(root, read_only=True)
+    step = step if step is not None else source.latest_step()
+    if step is None:
+        raise CheckpointError(f"checkpoint.resume_from={path!r} holds no complete checkpoint")
+    return source, step
+
+
+def start_state(cfg, ckpts: Checkpoints, init, abstract, shardings, log) -> tuple[Any, int]:
+    """(state, first step): the run's own latest checkpoint, else checkpoint.resume_from,
+    else a fresh sharded init. Restores go straight into `shardings`, whatever mesh the
+    checkpoint was written on."""
+    target = abstract_tree(abstract, shardings)
+    fresh = lambda: jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
+    latest = ckpts.latest_step()
+    if latest is not None:
+        arrays, _ = ckpts.restore(latest, target)
+        log.info("resumed from step %d (%s)", latest, ckpts.directory)
+        return abstract.replace(**arrays), latest
+    if cfg.checkpoint.resume_from:
+        source, step = find_checkpoint(cfg.checkpoint.resume_from)
+        if cfg.checkpoint.load_params_only:
+            params = source.restore_params(step, target["params"])
+            log.info("parameters from step %d of %s; new optimizer state, starting at step 0",
+                     step, source.directory)
+            return fresh().replace(params=params), 0
+        arrays, _ = source.restore(step, target)
+        log.info("resumed from step %d of %s", step, source.directory)
+        return abstract.replace(**arrays), step
+    return fresh(), 0
