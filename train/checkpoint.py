@@ -54,7 +54,7 @@ class Checkpoints:
         cfg = cfg or CheckpointConfig()
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, keep_period=cfg.keep_every,
+            max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save and not read_only,
             create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)

@@ -321,6 +321,13 @@ def validate(cfg: Config) -> None:
                           "embedding")
 
 
+def from_dict(raw: dict) -> Config:
+    """A validated Config from a nested dict (e.g. one saved beside a checkpoint)."""
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict of the resolved config (for YAML beside the run)."""
     return dataclasses.asdict(cfg)
