@@ -6,6 +6,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
+from models import Transformer
 from conftest import small_config
 from train.checkpoint import Checkpoints, abstract_tree
 from train.config import to_dict
@@ -65,5 +66,6 @@ def test_export_params_only_roundtrip(tmp_path, devices):
     assert cfg2.model == cfg.model
     for (path, a), (_, b) in zip(nnx.to_flat_state(state.params), nnx.to_flat_state(params)):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
-    model = nnx.merge(state.graphdef, params)
-    assert model(jax.numpy.zeros((8, 8), "int32")).shape == (8, 8, 256)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg2.model, rngs=nnx.Rngs(0))))
+    tokens = jax.device_put(np.zeros((2, 8), np.int32), NamedSharding(mesh2, P()))
+    assert nnx.merge(graphdef, params)(tokens).shape == (2, 8, 256)
