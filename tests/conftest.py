@@ -48,3 +48,15 @@ def run_cli(*args: str, module: str = "train", devices: int = 8, timeout: int = 
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                           env=env or cli_env(devices), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Per-step losses of the uninterrupted run that resumed runs must reproduce."""
+    from runs import RUN, STEPS, losses
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_cli(*RUN, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = losses(out)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref

@@ -2,65 +2,10 @@
 chosen moments), compared bit for bit with an uninterrupted run."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import pytest
-
-from conftest import REPO, cli_env, run_cli
-
-STEPS = 24
-# A small model on a (data=2, fsdp=2, model=2) mesh of 8 fake devices, logging every
-# step, a checkpoint every 4 steps (async by default). The lr schedule is fixed to 24
-# steps, so runs of other lengths follow the same trajectory.
-RUN = ["--config", "configs/tiny.yaml", f"train.steps={STEPS}", "train.log_every=1",
-       "train.seq_len=32", "train.batch_size=8", "model.num_layers=2", "model.d_model=64",
-       "model.mlp_dim=128", "mesh.data=2", "mesh.fsdp=2", "mesh.model=2",
-       "sharding.rules=fsdp_tp", "checkpoint.every_steps=4", "data.max_bytes=2000000",
-       f"optimizer.decay_steps={STEPS}", "compile_cache_dir=null"]
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train", *RUN, f"output_dir={out}", *extra],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, proc: subprocess.Popen, deadline_s: float = 300) -> None:
-    end = time.time() + deadline_s
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stdout.read()}")
-        if time.time() > end:
-            proc.kill()
-            raise AssertionError("deadline passed")
-        time.sleep(0.01)
-
-
-def logged_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    proc = run_cli(*RUN, f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = losses(out)
-    assert sorted(ref) == list(range(1, STEPS + 1))
-    return ref
+from conftest import run_cli
+from runs import RUN, STEPS, logged_steps, losses, start, wait_for
 
 
 def test_sigkill_anywhere_then_rerun_is_bit_identical(reference, tmp_path):

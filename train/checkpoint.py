@@ -9,7 +9,8 @@ crash mid-save leaves nothing that restores; leftovers are removed on the next s
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +24,11 @@ STATE, META, CONFIG = "state", "meta", "config"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: printed as one line, non-zero exit."""
+
+
+class SaveError(CheckpointError):
+    """A save that failed or did not finish in time. Storage threads may still be stuck
+    retrying, so the process exits at once after printing it."""
 
 
 def state_tree(state) -> dict[str, Any]:
@@ -53,14 +59,33 @@ class Checkpoints:
                  read_only: bool = False):
         cfg = cfg or CheckpointConfig()
         self.directory = directory
+        self.timeout_s, self.pending = cfg.save_timeout_s, None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save and not read_only,
             create=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)
-        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+        # On gs:// one array per object set (no OCDBT): OCDBT's conditional manifest
+        # writes fail intermittently against the GCS emulator the tests use
+        # ("Malformed StorageGeneration"); the per-array layout needs no such writes.
+        use_ocdbt = not directory.startswith("gs://")
+        handlers = {STATE: ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt),
+                    META: ocp.JsonCheckpointHandler(),
                     CONFIG: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+        if not read_only and jax.process_index() == 0:
+            self._remove_incomplete()
+
+    def _remove_incomplete(self) -> None:
+        """Delete step directories a crash left half-written. Orbax already ignores them
+        (on gs:// a step counts once its commit marker exists; locally once renamed from
+        its temporary name) and removes local temporary ones; this removes the rest, so a
+        later save of the same step starts clean."""
+        root = epath.Path(self.directory)
+        complete = set(self.all_steps())
+        for child in root.iterdir() if root.exists() else []:
+            if child.name.isdigit() and int(child.name) not in complete:
+                child.rmtree()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -68,16 +93,52 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def _bounded(self, what: str, fn: Callable[[], None]) -> None:
+        """Run fn, turning a failure or a hang past save_timeout_s into a SaveError.
+
+        Storage clients retry for a long time when the server is gone; a run should stop
+        with a clear message instead, leaving the previous checkpoint as it was.
+        """
+        done, errors = threading.Event(), []
+
+        def target():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=target, daemon=True).start()
+        finished = done.wait(self.timeout_s)
+        if not finished or errors:
+            reason = (f"did not finish within checkpoint.save_timeout_s={self.timeout_s:g}"
+                      if not finished else
+                      f"failed ({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})")
+            raise SaveError(f"{what} to {self.directory} {reason}; earlier complete checkpoints "
+                            "are untouched: rerun the same command to resume from the latest")
+
     def save(self, step: int, state, meta: dict, config: dict) -> None:
         """Start saving; with async saves this returns once the arrays are copied off
         the devices, and the write continues in the background."""
-        self.manager.save(step, args=ocp.args.Composite(**{
+        self.wait()
+        args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state_tree(state)),
-            META: ocp.args.JsonSave(meta), CONFIG: ocp.args.JsonSave(config)}), force=True)
+            META: ocp.args.JsonSave(meta), CONFIG: ocp.args.JsonSave(config)})
+        self.pending = step
+        try:  # in this thread: Orbax's async machinery is bound to the caller's thread
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise SaveError(f"saving step {step} to {self.directory} failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); earlier "
+                            "complete checkpoints are untouched: rerun the same command to "
+                            "resume from the latest") from None
 
     def wait(self) -> None:
-        """Block until every started save is committed (raises if one failed)."""
-        self.manager.wait_until_finished()
+        """Block until every started save is committed (raises SaveError if one failed)."""
+        if self.pending is not None:
+            self._bounded(f"saving step {self.pending}", self.manager.wait_until_finished)
+            self.pending = None
 
     def close(self) -> None:
         self.manager.close()

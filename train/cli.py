@@ -4,6 +4,7 @@ own flags. User mistakes become one `error: ...` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -57,4 +58,9 @@ def guarded(fn: Callable[[], object]) -> object:
     except user_errors() as e:
         fail(str(e))
     except run_errors() as e:
+        from train.checkpoint import SaveError
+        if isinstance(e, SaveError):  # storage threads may hang on: do not wait for them
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
         fail(str(e), code=1)

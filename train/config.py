@@ -81,6 +81,7 @@ class CheckpointConfig:
     keep: int = 3  # the newest `keep` checkpoints are kept
     keep_every: Optional[int] = None  # also keep every step divisible by this, forever
     async_save: bool = True  # write in the background while training goes on
+    save_timeout_s: float = 1800.0  # a save not committed by then stops the run
     resume_from: Optional[str] = None  # another run's checkpoint dir, or one step's dir
     load_params_only: bool = False  # with resume_from: parameters only (fine-tuning)
 
