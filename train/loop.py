@@ -118,9 +118,10 @@ def run(cfg: Config) -> list[dict]:
     init, abstract, state_shardings = plan_state(cfg, mesh, rules)
     ckpts = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint)
     steps = cfg.train.steps
-    if (ckpts.latest_step() or 0) >= steps:
+    latest = ckpts.latest_step()  # a directory listing (remote on gs://): read it once
+    if latest is not None and latest >= steps:
         log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
-                 ckpts.latest_step(), ckpts.directory, steps)
+                 latest, ckpts.directory, steps)
         ckpts.close()
         return []
     state, start = start_state(cfg, ckpts, init, abstract, state_shardings, log)
