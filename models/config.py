@@ -15,7 +15,7 @@ class ModelConfig:
     """
 
     style: Literal["gpt2", "llama"] = "llama"
-    vocab_size: int = 256
+    vocab_size: Optional[int] = None  # None: the data's tokenizer sets it (train config)
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 4
@@ -52,5 +52,5 @@ class ModelConfig:
         if self.style == "llama" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
         for key in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

@@ -59,7 +59,10 @@ def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
 
 
 def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
-              positions_BT: jax.Array, constrain: Constrain) -> jax.Array:
+              positions_BT: jax.Array, constrain: Constrain,
+              segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention; with segment ids (packed documents), a token attends only
+    to earlier tokens of its own segment."""
     dt = h_BTD.dtype
     q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt)) + _bias(p, "q_bias", dt)
     k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt)) + _bias(p, "k_bias", dt)
@@ -70,8 +73,12 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     q_BTNH = constrain(q_BTNH, ("batch", "act_length", "act_heads", None))
     k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
     v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                            implementation=attention_impl(cfg))
+    mask_B1TS, impl = None, attention_impl(cfg)
+    if segment_ids_BT is not None:
+        mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+        impl = "xla"  # the cuDNN path is not verified with masks here
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
+                                            is_causal=True, implementation=impl)
     out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
     return out_BTD + _bias(p, "o_bias", dt)
 
@@ -92,11 +99,12 @@ def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
 
 
 def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
-          x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+          x_BTD: jax.Array, positions_BT: jax.Array,
+          segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """One pre-norm Transformer layer; `p` holds this layer's parameters."""
     with jax.named_scope("attention"):
         h_BTD = norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm_eps)
-        x_BTD = x_BTD + attention(cfg, p, h_BTD, positions_BT, constrain)
+        x_BTD = x_BTD + attention(cfg, p, h_BTD, positions_BT, constrain, segment_ids_BT)
         x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
     with jax.named_scope("mlp"):
         h_BTD = norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm_eps)

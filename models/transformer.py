@@ -71,7 +71,8 @@ class StackedBlocks(nnx.Module):
                 if isinstance(var, nnx.Param)}
 
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
-                 positions_BT: jax.Array) -> jax.Array:
+                 positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
+                 ) -> jax.Array:
         body = functools.partial(layers.block, cfg, constrain)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
@@ -79,19 +80,25 @@ class StackedBlocks(nnx.Module):
         params_L = self.stacked()
         if cfg.scan_layers:
             def step(x, p):
-                return body(p, x, positions_BT), None
+                return body(p, x, positions_BT, segment_ids_BT), None
             x_BTD, _ = jax.lax.scan(step, x_BTD, params_L)
             return x_BTD
         for i in range(cfg.num_layers):
-            x_BTD = body({k: v[i] for k, v in params_L.items()}, x_BTD, positions_BT)
+            x_BTD = body({k: v[i] for k, v in params_L.items()}, x_BTD, positions_BT,
+                         segment_ids_BT)
         return x_BTD
 
 
 class Transformer(nnx.Module):
-    """tokens (B, T) int -> logits (B, T, V) float32."""
+    """tokens (B, T) int -> logits (B, T, V) float32. Packed batches also pass each
+    token's position within its document and its segment (document) id, so attention
+    stays inside documents."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain | None = None):
         cfg.check()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set (the training config fills it in "
+                             "from the data's tokenizer)")
         self.cfg = cfg
         self.constrain = constrain or layers.no_constraint
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
@@ -107,7 +114,8 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
         cfg, constrain = self.cfg, self.constrain
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
@@ -119,7 +127,7 @@ class Transformer(nnx.Module):
                 x_BTD = x_BTD + jnp.take(self.pos_embedding.get_value(), positions_BT,
                                          axis=0).astype(dt)
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
-        x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT)
+        x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT)
         with jax.named_scope("head"):
             bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
             x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)

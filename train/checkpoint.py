@@ -216,25 +216,26 @@ def find_checkpoint(path: str) -> tuple[Checkpoints, int]:
     return source, step
 
 
-def start_state(cfg, ckpts: Checkpoints, init, abstract, shardings, log) -> tuple[Any, int]:
-    """(state, first step): the run's own latest checkpoint, else checkpoint.resume_from,
-    else a fresh sharded init. Restores go straight into `shardings`, whatever mesh the
-    checkpoint was written on."""
+def start_state(cfg, ckpts: Checkpoints, init, abstract, shardings, log
+                ) -> tuple[Any, int, dict | None]:
+    """(state, first step, the checkpoint's data position or None): the run's own latest
+    checkpoint, else checkpoint.resume_from, else a fresh sharded init. Restores go
+    straight into `shardings`, whatever mesh the checkpoint was written on."""
     target = abstract_tree(abstract, shardings)
     fresh = lambda: jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
     latest = ckpts.latest_step()
     if latest is not None:
-        arrays, _ = ckpts.restore(latest, target)
+        arrays, meta = ckpts.restore(latest, target)
         log.info("resumed from step %d (%s)", latest, ckpts.directory)
-        return abstract.replace(**arrays), latest
+        return abstract.replace(**arrays), latest, meta.get("data")
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
         if cfg.checkpoint.load_params_only:
             params = source.restore_params(step, target["params"])
             log.info("parameters from step %d of %s; new optimizer state, starting at step 0",
                      step, source.directory)
-            return fresh().replace(params=params), 0
-        arrays, _ = source.restore(step, target)
+            return fresh().replace(params=params), 0, None
+        arrays, meta = source.restore(step, target)
         log.info("resumed from step %d of %s", step, source.directory)
-        return abstract.replace(**arrays), step
-    return fresh(), 0
+        return abstract.replace(**arrays), step, meta.get("data")
+    return fresh(), 0, None

@@ -69,9 +69,29 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: Literal["stdlib", "synthetic"] = "stdlib"
-    val_fraction: float = 0.05
+    # Your data: a directory made by `python -m train.prepare`, or raw inputs (a text
+    # file, a directory, a glob; .jsonl, .parquet, a `datasets` save_to_disk directory),
+    # prepared on the fly into cache_dir. When null, `source` picks the embedded data.
+    path: Optional[str] = None
+    source: Literal["stdlib", "synthetic"] = "stdlib"  # only when path is null
+    tokenizer: str = "byte"  # byte | path/to/tokenizer.json | path/to/sentencepiece.model
+    text_field: str = "text"  # JSONL field, Parquet or `datasets` column holding the text
+    eos_token: Optional[str] = None  # None: the tokenizer's own (</s>, <|endoftext|>, ...)
+    vocab_multiple: int = 128  # model.vocab_size=null: tokenizer size rounded up to this
+    val_fraction: float = 0.05  # documents (by a hash of their id) held out for eval
+    mask_documents: bool = False  # packed documents do not attend to each other
+    shuffle: bool = True  # shuffle sequences per epoch by train.seed
+    num_workers: int = 0  # Grain worker processes (0: read in the training process)
+    num_threads: int = 2  # Grain reader threads per process
+    prefetch: int = 4  # batches read ahead
+    cache_dir: str = "~/.cache/shardlm/prepared"  # where raw inputs are prepared
     max_bytes: int = 16_000_000  # cap on the stdlib corpus read
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # validation loss every this many steps and at the end; 0: off
+    batches: int = 4  # global batches of the validation split per evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +122,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
@@ -279,7 +300,20 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         raw = _merge(raw, parse_override(text))
     cfg = _build(Config, raw)
     validate(cfg)
+    return embedded_vocab(cfg)
+
+
+def embedded_vocab(cfg: Config) -> Config:
+    """The embedded data (stdlib bytes, synthetic tokens) has 256 tokens: the vocabulary
+    size when the config leaves it open. With data.path the tokenizer decides, at
+    the start of the run (train.data.resolve_vocab)."""
+    if cfg.model.vocab_size is None and cfg.data.path is None:
+        return with_vocab(cfg, 256)
     return cfg
+
+
+def with_vocab(cfg: Config, vocab_size: int) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
 
 
 def validate(cfg: Config) -> None:
@@ -298,11 +332,21 @@ def validate(cfg: Config) -> None:
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
-    if cfg.data.source == "stdlib" and cfg.model.vocab_size < 256:
+    if (cfg.data.path is None and cfg.data.source == "stdlib"
+            and cfg.model.vocab_size is not None and cfg.model.vocab_size < 256):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the "
                           "byte-level stdlib corpus: it needs at least 256")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    d = cfg.data
+    for key in ("vocab_multiple", "prefetch"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    for key in ("num_workers", "num_threads"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
+    if cfg.eval.every_steps < 0 or cfg.eval.batches < 1:
+        raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
     c = cfg.checkpoint
     if c.every_steps < 0 or c.keep < 1 or (c.keep_every is not None and c.keep_every < 1):
         raise ConfigError("checkpoint.every_steps must be >= 0, checkpoint.keep >= 1 and "
@@ -326,7 +370,7 @@ def from_dict(raw: dict) -> Config:
     """A validated Config from a nested dict (e.g. one saved beside a checkpoint)."""
     cfg = _build(Config, raw)
     validate(cfg)
-    return cfg
+    return embedded_vocab(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -17,9 +17,10 @@ from tqdm import tqdm
 import sharding
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, ConfigError, to_dict
-from train.data import Batches, load_stdlib_corpus, tokens_per_step
+from train.data import make_batches, resolve_data, tokens_per_step
 from train.metrics import MetricsLog, flops_per_token, format_row, peak_flops_per_device
 from train.state import plan_state
+from train.evaluate import Evaluator
 from train.step import jit_train_step
 
 log = logging.getLogger("train")
@@ -104,6 +105,10 @@ def run(cfg: Config) -> list[dict]:
     if is_main:
         check_writable(out_dir)
 
+    # Data source: a prepared directory (raw inputs are prepared on the fly) or the
+    # embedded corpus; the tokenizer settles the vocabulary size.
+    cfg, data_path = resolve_data(cfg)
+
     # Mesh: named axes over all devices; one -1 axis takes the rest.
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                                "model": cfg.mesh.model})
@@ -124,33 +129,39 @@ def run(cfg: Config) -> list[dict]:
                  latest, ckpts.directory, steps)
         ckpts.close()
         return []
-    state, start = start_state(cfg, ckpts, init, abstract, state_shardings, log)
+    state, start, data_position = start_state(cfg, ckpts, init, abstract, state_shardings, log)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
              cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
              cfg.sharding.rules)
 
     # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
-    # function of (seed, i), so a resumed run continues the same stream.
+    # function of (data, seed, i), so a resumed run continues the same stream.
     batch_spec = sharding.logical_to_spec((None, "batch", None), (
         cfg.train.microbatches, cfg.train.batch_size // cfg.train.microbatches,
         cfg.train.seq_len), rules, mesh, "batch")
     batch_sharding = NamedSharding(mesh, batch_spec)
-    corpus = None
-    if cfg.data.source == "stdlib":
-        corpus = load_stdlib_corpus(cfg.data.max_bytes, cfg.data.val_fraction)
-        log.info("data: stdlib corpus, %d files, %.1fM train / %.2fM val bytes; reference: "
-                 "unigram entropy %.3f nats/token", corpus.num_files,
-                 corpus.train_BYTES.size / 1e6, corpus.val_BYTES.size / 1e6,
-                 corpus.unigram_entropy())
-    batches = Batches(cfg, batch_sharding, corpus)
+    batches = make_batches(cfg, batch_sharding, data_path)
+    batches.check_resume(data_position)
+    try:
+        return train_loop(cfg, ckpts, batches, batch_sharding, state, state_shardings, start)
+    finally:
+        batches.close()
+
+
+def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
+               state_shardings, start: int) -> list[dict]:
+    """Compile, then step from `start` to train.steps with metrics, evaluation and
+    checkpoints."""
+    is_main, out_dir, steps = jax.process_index() == 0, cfg.run_dir, cfg.train.steps
 
     # Step: jit with explicit in/out shardings, donated state; compiled up front.
-    step_fn = jit_train_step(state_shardings, {"inputs": batch_sharding,
-                                               "targets": batch_sharding})
+    first = batches.batch(start)
+    step_fn = jit_train_step(state_shardings, {k: batch_sharding for k in first})
     t0 = time.perf_counter()
-    step_fn = step_fn.lower(state, batches.batch(start)).compile()
+    step_fn = step_fn.lower(state, first).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    evaluate = Evaluator(cfg, batches, batch_sharding, state_shardings)
 
     # Output: resolved config beside the metrics; metrics past `start` are dropped.
     config_dict = to_dict(cfg)
@@ -166,7 +177,7 @@ def run(cfg: Config) -> list[dict]:
                          write=is_main, start_step=start)
 
     def save(step: int) -> None:
-        meta = {"step": step, "data": {"seed": cfg.train.seed, "next_batch": step}}
+        meta = {"step": step, "data": batches.position(step)}
         ckpts.save(step, state, meta, config_dict)
 
     # Loop: metrics and the non-finite flag are read one step late, so the host never
@@ -189,8 +200,9 @@ def run(cfg: Config) -> list[dict]:
                 bar.write(format_row(row))
             elif is_main:
                 log.info(format_row(row))
-        if step % cfg.train.log_every == 0 or step == steps:
-            metrics.push(step, step_metrics)
+        eval_metrics = evaluate(step, state)
+        if step % cfg.train.log_every == 0 or step == steps or eval_metrics:
+            metrics.push(step, {**step_metrics, **eval_metrics})
         previous = (step, step_metrics)
         bar.update(1)
         stop = preempted(step)

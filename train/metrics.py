@@ -12,6 +12,7 @@ Remat recomputation is not counted (it is overhead, not useful work).
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -85,6 +86,8 @@ class MetricsLog:
         rows = []
         for step, metrics in self.pending:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if "eval_loss" in values:
+                values["eval_ppl"] = math.exp(min(values["eval_loss"], 700.0))
             now = time.perf_counter()
             steps = step - self.last_step
             dt = (now - self.last_time) / max(steps, 1)
@@ -112,4 +115,6 @@ def format_row(row: dict) -> str:
     return (f"step {row['step']:>6} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f}"
             f" | lr {row['lr']:.2e} | {row['tokens_per_sec']:,.0f} tok/s"
             f" | {1000 * row['step_time_s']:.1f} ms/step"
-            f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}")
+            f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}"
+            + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
+               if "eval_loss" in row else ""))

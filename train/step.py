@@ -10,9 +10,13 @@ from flax import nnx
 from train.state import TrainState
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float,
+                  weights_BT: jax.Array | None = None, total_weight: jax.Array | None = None
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Mean next-token loss (+ z_loss * mean(logsumexp^2)); returns (total, (ce, z)).
+    """Next-token loss (+ z_loss * logsumexp^2), averaged over the tokens with weight
+    (all of them without weights); returns (total, (ce, z)). With `total_weight`, sums
+    are divided by it instead of by this batch's own weight, so microbatch losses add up
+    to the whole batch's mean.
 
     The target logit is picked by a one-hot product rather than a gather, which
     partitions cleanly when the vocabulary is sharded.
@@ -21,42 +25,86 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=logits_BTV.dtype)
     target_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
-    ce = jnp.mean(lse_BT - target_BT)
-    z = z_loss * jnp.mean(jnp.square(lse_BT))
+    if weights_BT is None:
+        weights_BT = jnp.ones_like(lse_BT)
+    if total_weight is None:
+        total_weight = jnp.maximum(jnp.sum(weights_BT), 1.0)
+    ce = jnp.sum((lse_BT - target_BT) * weights_BT) / total_weight
+    z = z_loss * jnp.sum(jnp.square(lse_BT) * weights_BT) / total_weight
     return ce + z, (ce, z)
 
 
-def loss_fn(params: nnx.State, state: TrainState, inputs_BT: jax.Array, targets_BT: jax.Array):
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The model's keyword arguments in a (micro)batch: packed batches with document
+    masking carry positions and segment ids."""
+    return {"positions_BT": batch.get("positions"), "segment_ids_BT": batch.get("segment_ids")}
+
+
+def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
+            total_weight: jax.Array):
     model = nnx.merge(state.graphdef, params)
-    logits_BTV = model(inputs_BT)
-    return cross_entropy(logits_BTV, targets_BT, state.step_cfg.z_loss)
+    logits_BTV = model(micro["inputs"], **model_inputs(micro))
+    return cross_entropy(logits_BTV, micro["targets"], state.step_cfg.z_loss,
+                         micro.get("weights"), total_weight)
+
+
+def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
+    """The tokens the loss averages over: all of them, or those with weight."""
+    if "weights" in batch:
+        return jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    return jnp.asarray(batch["targets"].size, jnp.float32)
 
 
 def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
     """Mean loss and gradients over the batch's microbatches.
 
-    batch["inputs"], batch["targets"]: int32 (M, B/M, T). Microbatches run one after
-    another (lax.scan) so activation memory is that of B/M sequences; each has the same
-    token count, so averaging their means equals the mean over the whole batch.
+    Every batch entry is (M, B/M, T): inputs and targets (int32), and optionally weights
+    (float32; padding and cross-document targets have 0), positions and segment_ids.
+    Microbatches run one after another (lax.scan) so activation memory is that of B/M
+    sequences; each divides its weighted sum by the whole batch's weight, so the sums
+    equal the mean over the batch.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    inputs_MBT, targets_MBT = batch["inputs"], batch["targets"]
-    num_micro = inputs_MBT.shape[0]
+    weight = total_weight(batch)
+    num_micro = batch["inputs"].shape[0]
     if num_micro == 1:
-        (_, (ce, z)), grads = grad_fn(state.params, state, inputs_MBT[0], targets_MBT[0])
+        micro = jax.tree.map(lambda x: x[0], batch)
+        (_, (ce, z)), grads = grad_fn(state.params, state, micro, weight)
         return ce, z, grads
 
     def accumulate(carry, micro):
         ce_sum, z_sum, grad_sum = carry
-        (_, (ce, z)), grads = grad_fn(state.params, state, *micro)
+        (_, (ce, z)), grads = grad_fn(state.params, state, micro, weight)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         return (ce_sum + ce, z_sum + z, grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-    (ce_sum, z_sum, grad_sum), _ = jax.lax.scan(accumulate, init, (inputs_MBT, targets_MBT))
-    grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
-    return ce_sum / num_micro, z_sum / num_micro, grads
+    (ce_sum, z_sum, grad_sum), _ = jax.lax.scan(accumulate, init, batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
+    return ce_sum, z_sum, grads
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Validation sums over a (M, B/M, T) batch: loss_sum (weighted cross-entropy) and
+    weight (tokens counted); the loop divides after summing over batches."""
+    model = nnx.merge(state.graphdef, state.params)
+
+    def one(carry, micro):
+        logits_BTV = model(micro["inputs"], **model_inputs(micro))
+        w_BT = micro.get("weights", jnp.ones(micro["targets"].shape, jnp.float32))
+        _, (ce_sum, _) = cross_entropy(logits_BTV, micro["targets"], 0.0, w_BT,
+                                       jnp.float32(1.0))
+        return (carry[0] + ce_sum, carry[1] + jnp.sum(w_BT)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, weight), _ = jax.lax.scan(one, (zero, zero), batch)
+    return {"loss_sum": loss_sum, "weight": weight}
+
+
+def jit_eval_step(state_shardings, batch_shardings):
+    return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=None)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]

@@ -1,9 +1,5 @@
-"""Data, first version: the embedded stdlib byte corpus and synthetic tokens.
-
-Each process builds only its own rows of the global batch and JAX assembles the global
-array with `jax.make_array_from_process_local_data`. Batch `step` is a pure function of
-(seed, step), so a resumed run sees the same batches as an uninterrupted one.
-"""
+"""The embedded default data: the Python standard library's sources as a byte corpus
+(no download), and synthetic tokens. Batch `step` is a pure function of (seed, step)."""
 
 from __future__ import annotations
 
@@ -14,9 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
-from train.config import Config
 
 DOC_SEPARATOR = 0  # byte 0 between files; it never occurs in Python source text
 
@@ -66,11 +60,13 @@ def load_stdlib_corpus(max_bytes: int, val_fraction: float) -> Corpus:
     return Corpus(as_array(train), as_array(val), count)
 
 
-def local_rows(global_batch: int) -> slice:
+def local_rows(global_batch: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
     """This process's rows of the global batch (processes own equal contiguous blocks)."""
-    per = global_batch // jax.process_count()
-    start = jax.process_index() * per
-    return slice(start, start + per)
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    per = global_batch // count
+    return slice(index * per, (index + 1) * per)
 
 
 def window_batch(tokens_N: np.ndarray, global_batch: int, seq_len: int, seed: int, step: int
@@ -87,34 +83,3 @@ def synthetic_batch(vocab_size: int, global_batch: int, seq_len: int, seed: int,
     rng = np.random.default_rng([seed, step, 1])
     rows = rng.integers(0, vocab_size, size=(global_batch, seq_len + 1), dtype=np.int32)
     return rows[local_rows(global_batch)]
-
-
-class Batches:
-    """batch(step) -> {"inputs", "targets"}: global int32 arrays (M, B/M, T), the
-    microbatch dimension M first and the batch dimension sharded per `sharding`."""
-
-    def __init__(self, cfg: Config, sharding: NamedSharding, corpus: Corpus | None):
-        self.cfg, self.sharding, self.corpus = cfg, sharding, corpus
-
-    def local(self, step: int) -> np.ndarray:
-        t = self.cfg.train
-        if self.cfg.data.source == "synthetic":
-            return synthetic_batch(self.cfg.model.vocab_size, t.batch_size, t.seq_len,
-                                   t.seed, step)
-        return window_batch(self.corpus.train_BYTES, t.batch_size, t.seq_len, t.seed, step)
-
-    def batch(self, step: int) -> dict[str, jax.Array]:
-        rows_bT1 = self.local(step)
-        m = self.cfg.train.microbatches
-        rows_MbT1 = rows_bT1.reshape(m, rows_bT1.shape[0] // m, -1)
-        global_shape = (m, self.cfg.train.batch_size // m, self.cfg.train.seq_len)
-        make = lambda x: jax.make_array_from_process_local_data(self.sharding, x, global_shape)
-        return {"inputs": make(rows_MbT1[..., :-1]), "targets": make(rows_MbT1[..., 1:])}
-
-
-def tokens_per_step(cfg: Config) -> int:
-    return cfg.train.batch_size * cfg.train.seq_len
-
-
-__all__ = ["Corpus", "Batches", "load_stdlib_corpus", "window_batch", "synthetic_batch",
-           "tokens_per_step"]
