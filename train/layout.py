@@ -33,8 +33,10 @@ def show(cfg) -> None:
     from flax import nnx
 
     import sharding
+    from train.data import resolve_data
     from train.state import make_init, state_shardings
 
+    cfg, _ = resolve_data(cfg)  # the data's tokenizer may set the vocabulary size
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                                "model": cfg.mesh.model})
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
