@@ -167,3 +167,13 @@ def test_vocab_from_tokenizer_is_padded(tmp_path, text_dir):
     cfg, _ = resolve_data(load_config(tiny, [
         f"data.path={tmp_path / 'prep'}", "data.vocab_multiple=64"]))
     assert cfg.model.vocab_size == 320
+
+
+def test_empty_files_among_many_are_skipped_and_reported(tmp_path, text_dir):
+    (text_dir / "empty.txt").write_text("\n")
+    lines = []
+    meta = prepare(str(text_dir), tmp_path / "prep", progress=False, log=lines.append)
+    assert sum(s["documents"] for s in meta["splits"].values()) == len(DOCS)
+    assert "skipped 1 empty files" in lines[0] and "empty.txt" in lines[0]
+    with pytest.raises(DataError, match="empty.txt: the file is empty"):
+        list(documents(str(text_dir / "empty.txt")))

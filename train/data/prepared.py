@@ -119,8 +119,9 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
     writers = {s: _SplitWriter(tmp, s, dtype) for s in SPLITS}
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
+    skipped: list[str] = []
     try:
-        for batch in _batches(documents(inputs, text_field)):
+        for batch in _batches(documents(inputs, text_field, skipped)):
             ids = tok.encode_batch([text for _, text in batch])
             for (doc_id, text), doc_ids in zip(batch, ids):
                 split = "val" if in_val(doc_id, val_fraction) else "train"
@@ -136,6 +137,9 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
         bar.close()
     if not counts["train"]["documents"]:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not counts["val"]["documents"]:
+            raise DataError(f"data input {inputs!r} holds no documents ({len(skipped)} empty "
+                            "files skipped)")
         raise DataError(f"data input {inputs!r}: every document went to validation; lower "
                         "data.val_fraction or add documents")
     meta = {"format": FORMAT, "inputs": inputs, "tokenizer": save_tokenizer(tok, tmp),
@@ -155,7 +159,8 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
     log(f"prepared {output}: {total['documents']:,} documents, {total['tokens']:,} tokens "
         f"({counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val), "
         f"{total['bytes']:,} bytes of text, {total['bytes'] / max(total['tokens'], 1):.2f} "
-        f"bytes/token, {tok.kind} tokenizer ({tok.vocab_size:,} tokens), {seconds:.1f} s")
+        f"bytes/token, {tok.kind} tokenizer ({tok.vocab_size:,} tokens), {seconds:.1f} s"
+        + (f"; skipped {len(skipped)} empty files (first: {skipped[0]})" if skipped else ""))
     return meta
 
 

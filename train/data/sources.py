@@ -47,16 +47,30 @@ def expand(spec: str) -> list[tuple[Path, str]]:
     return [(f, f.relative_to(path).as_posix()) for f in files]
 
 
-def documents(spec: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    for path, name in expand(spec):
-        if is_hf_dataset(path):
-            yield from hf_dataset_documents(path, name, text_field)
-        elif path.suffix == ".jsonl":
-            yield from jsonl_documents(path, name, text_field)
-        elif path.suffix == ".parquet":
-            yield from parquet_documents(path, name, text_field)
-        else:
-            yield name, read_text(path)
+class EmptyFileError(DataError):
+    """A file without any text."""
+
+
+def documents(spec: str, text_field: str = "text", skipped: list[str] | None = None
+              ) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document. An empty file is an error when it is the whole
+    input; among several files it is skipped and its path appended to `skipped`."""
+    files = expand(spec)
+    for path, name in files:
+        try:
+            if is_hf_dataset(path):
+                yield from hf_dataset_documents(path, name, text_field)
+            elif path.suffix == ".jsonl":
+                yield from jsonl_documents(path, name, text_field)
+            elif path.suffix == ".parquet":
+                yield from parquet_documents(path, name, text_field)
+            else:
+                yield name, read_text(path)
+        except EmptyFileError:
+            if len(files) == 1:
+                raise
+            if skipped is not None:
+                skipped.append(str(path))
 
 
 def decode(data: bytes, where: str) -> str:
@@ -70,7 +84,7 @@ def decode(data: bytes, where: str) -> str:
 def read_text(path: Path) -> str:
     data = path.read_bytes()
     if not data.strip():
-        raise DataError(f"{path}: the file is empty; remove it or fill it")
+        raise EmptyFileError(f"{path}: the file is empty; remove it or fill it")
     return decode(data, str(path))
 
 
@@ -95,7 +109,7 @@ def jsonl_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, st
             count += 1
             yield f"{name}:{number}", record[field]
     if not count:
-        raise DataError(f"{path}: the file is empty; remove it or fill it")
+        raise EmptyFileError(f"{path}: the file is empty; remove it or fill it")
 
 
 def _column(table, path, field: str):
@@ -118,7 +132,7 @@ def parquet_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, 
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     column = _column(table, path, field)
     if not len(column):
-        raise DataError(f"{path}: the file is empty; remove it or fill it")
+        raise EmptyFileError(f"{path}: the file is empty; remove it or fill it")
     for row, text in enumerate(column.to_pylist()):
         yield f"{name}:{row}", text or ""
 
