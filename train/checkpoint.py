@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -75,6 +76,8 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
         if not read_only and jax.process_index() == 0:
             self._remove_incomplete()
+        if not read_only and jax.process_count() > 1:  # nobody saves before it is done
+            multihost_utils.sync_global_devices("shardlm:checkpoints-ready")
 
     def _remove_incomplete(self) -> None:
         """Delete step directories a crash left half-written. Orbax already ignores them

@@ -15,8 +15,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from sharding import MeshError, PartitionError, RulesError
-    return USER_ERRORS + (MeshError, PartitionError, RulesError)
+    from sharding import DistributedError, MeshError, PartitionError, RulesError
+    return USER_ERRORS + (DistributedError, MeshError, PartitionError, RulesError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

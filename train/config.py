@@ -107,6 +107,19 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # null: on when a coordinator is given (here or JAX_COORDINATOR_ADDRESS) or a
+    # multi-host Cloud TPU VM / Slurm job is detected; true: always; false: never.
+    enabled: Optional[bool] = None
+    coordinator: Optional[str] = None  # host:port of process 0 (JAX_COORDINATOR_ADDRESS)
+    num_processes: Optional[int] = None  # JAX_NUM_PROCESSES
+    process_id: Optional[int] = None  # JAX_PROCESS_ID
+    init_timeout_s: int = 120  # all processes must have joined by then
+    heartbeat_timeout_s: int = 20  # a silent peer stops the others after this long
+    shutdown_timeout_s: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     peak_tflops: Optional[float] = None  # per device; None: looked up from the device kind
 
@@ -124,6 +137,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     @property

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 import sharding
+from sharding import distributed
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, ConfigError, to_dict
 from train.data import make_batches, resolve_data, tokens_per_step
@@ -26,13 +27,24 @@ from train.step import jit_train_step
 log = logging.getLogger("train")
 
 
-def setup_logging() -> None:
+def setup_logging(is_main: bool = True) -> None:
+    """INFO lines on stdout from process 0; other processes only warn."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
         log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def start_processes(cfg: Config) -> str | None:
+    """jax.distributed when several processes take part; before any other JAX call."""
+    d = cfg.distributed
+    mode = {None: "auto", True: "on", False: "off"}[d.enabled]
+    cluster = distributed.from_env(d.coordinator, d.num_processes, d.process_id)
+    return distributed.initialize(mode, cluster, init_timeout_s=d.init_timeout_s,
+                                  heartbeat_timeout_s=d.heartbeat_timeout_s,
+                                  shutdown_timeout_s=d.shutdown_timeout_s)
 
 
 def enable_compile_cache(cache_dir: str | None) -> None:
@@ -98,8 +110,12 @@ class SigtermFlag:
 
 def run(cfg: Config) -> list[dict]:
     """Train per `cfg`, resuming from its latest checkpoint; returns the logged rows."""
-    setup_logging()
+    # Processes: one per host, joined by JAX's multi-controller runtime when several.
+    processes = start_processes(cfg)
     is_main = jax.process_index() == 0
+    setup_logging(is_main)
+    if processes:
+        log.info("distributed: %s", processes)
     out_dir = cfg.run_dir
     enable_compile_cache(cfg.compile_cache_dir)
     if is_main:

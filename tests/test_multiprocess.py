@@ -1,0 +1,101 @@
+"""Two JAX processes x 4 CPU devices on 127.0.0.1 (gloo collectives) train one model on
+a (data=2, fsdp=2, model=2) mesh spanning both, as `python -m train` subprocesses joined
+by jax.distributed. Every wait has a deadline; workers are killed by PID."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, cli_env
+from runs import RUN, logged_steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, port: int, *extra: str) -> list[subprocess.Popen]:
+    procs = []
+    for i in range(2):
+        env = cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(i))
+        log = open(out.parent / f"{out.name}-process{i}.log", "a")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train", *RUN, f"output_dir={out}",
+             "distributed.heartbeat_timeout_s=10", "distributed.init_timeout_s=60", *extra],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+def wait_all(procs, deadline_s: float) -> list[int]:
+    end = time.time() + deadline_s
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.time() > end:
+                raise AssertionError(f"workers still running after {deadline_s} s")
+            time.sleep(0.1)
+    finally:
+        kill_all(procs)
+    return [p.returncode for p in procs]
+
+
+def log_text(out, i: int) -> str:
+    return (out.parent / f"{out.name}-process{i}.log").read_text()
+
+
+def test_two_processes_train_checkpoint_resume_and_match_one_process(reference, tmp_path):
+    out = tmp_path / "run"
+    procs = launch(out, free_port())
+    try:
+        end = time.time() + 300
+        while logged_steps(out) < 10:  # a checkpoint at step 8 is committed by now
+            assert all(p.poll() is None for p in procs), log_text(out, 0)[-3000:]
+            assert time.time() < end, "no progress"
+            time.sleep(0.05)
+    finally:
+        kill_all(procs)  # both hosts lost at once
+    codes = wait_all(launch(out, free_port()), 400)
+    assert codes == [0, 0], log_text(out, 0)[-3000:] + log_text(out, 1)[-3000:]
+    first = log_text(out, 0)
+    assert "distributed: process 0 of 2, coordinator 127.0.0.1:" in first
+    assert "resumed from step" in first
+    assert "step " not in log_text(out, 1).replace("resumed from step", "")  # process 0 logs
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows}
+    assert sorted(losses) == sorted(reference)  # every step once
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_killed_peer_stops_the_other_within_30_s(tmp_path):
+    out = tmp_path / "run"
+    procs = launch(out, free_port(), "train.steps=100000", "checkpoint.every_steps=0")
+    try:
+        end = time.time() + 300
+        while logged_steps(out) < 3:
+            assert all(p.poll() is None for p in procs), log_text(out, 0)[-3000:]
+            assert time.time() < end, "no progress"
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed_at = time.time()
+        while procs[0].poll() is None and time.time() - killed_at < 30:
+            time.sleep(0.1)
+        assert procs[0].poll() is not None, "process 0 still running 30 s after its peer died"
+        assert procs[0].returncode != 0
+    finally:
+        kill_all(procs)
