@@ -53,8 +53,7 @@ def main() -> None:
     cfg = load_config(args.config, ["data.source=synthetic", "train.batch_size=4",
                                     "train.seq_len=256", "mesh.data=1", "mesh.fsdp=-1",
                                     *args.overrides])
-    mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
-                               "model": cfg.mesh.model})
+    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
     state, shardings = build_state(cfg, mesh, rules)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -45,20 +45,51 @@ def resolve_axis_sizes(requested: dict[str, int], num_devices: int) -> dict[str,
     return sizes
 
 
-def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn: dict[str, int] | None = None) -> Mesh:
     """Build a `Mesh` over `devices` (default: all devices) with axes MESH_AXES.
 
     `jax.make_mesh` picks a device order that keeps inner axes on fast links.
-    Axes are Auto so shardings propagate through jit as in classic pjit.
+    Axes are Auto so shardings propagate through jit as in classic pjit. `dcn` gives,
+    per axis, how many of its ways span slices (TPU multi-slice) or, on other devices,
+    processes: such a mesh is built by `mesh_utils.create_hybrid_device_mesh`.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(requested, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     auto = (AxisType.Auto,) * len(MESH_AXES)
+    dcn = {a: 1 for a in MESH_AXES} | dict(dcn or {})
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if math.prod(dcn.values()) > 1 or len(slices) > 1:
+        return Mesh(hybrid_devices(sizes, dcn, devices), MESH_AXES, axis_types=auto)
+    if devices[0].platform == "tpu" and len(devices) != len(jax.devices()):
+        # A TPU topology compiled for from another machine: order by the chip grid.
+        from jax.experimental import mesh_utils
+        return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, axis_types=auto)
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
     # A subset of devices (tests, single-device references): keep the given order.
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices) -> np.ndarray:
+    """Devices arranged as ICI x DCN: each axis' size is dcn[axis] ways across granules
+    (TPU slices, or processes where devices have no slice) times the rest within one."""
+    from jax.experimental import mesh_utils
+    for axis in MESH_AXES:
+        if dcn[axis] < 1 or sizes[axis] % dcn[axis]:
+            raise MeshError(f"mesh.{axis}={sizes[axis]} does not divide by mesh.dcn_{axis}="
+                            f"{dcn[axis]}")
+    by_slice = hasattr(devices[0], "slice_index")
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    wanted = math.prod(dcn.values())
+    if granules != wanted:
+        kind = "TPU slices" if by_slice else "processes (no TPU slices on this backend)"
+        raise MeshError(f"mesh.dcn_* ask for {wanted} granules but the devices span {granules} "
+                        f"{kind}; set the dcn_* factors to multiply to {granules}")
+    ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+    return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices,
+                                                process_is_granule=not by_slice)
 
 
 def describe(mesh: Mesh) -> str:

@@ -42,7 +42,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
           ) -> tuple[Config, argparse.Namespace]:
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value before or after the flags
     try:
         return load_config(args.config, args.overrides), args
     except ConfigError as e:

@@ -30,6 +30,17 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     model: int = 1
+    # Multi-slice (TPU) or multi-node (GPU): how many of an axis' ways go across slices
+    # or processes over the data-center network (DCN); the rest stay on fast links (ICI).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_model: int = 1
+
+    def axes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "model": self.model}
+
+    def dcn(self) -> dict[str, int]:
+        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "model": self.dcn_model}
 
 
 @dataclasses.dataclass(frozen=True)

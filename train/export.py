@@ -35,8 +35,7 @@ def export(checkpoint: str, output: str, mesh_cfg: Config) -> str:
     """Params of `checkpoint` -> `output`; the mesh from `mesh_cfg`. Returns the step."""
     source, step = find_checkpoint(checkpoint)
     cfg = saved_config(source, step)
-    mesh = sharding.make_mesh({"data": mesh_cfg.mesh.data, "fsdp": mesh_cfg.mesh.fsdp,
-                               "model": mesh_cfg.mesh.model})
+    mesh = sharding.make_mesh(mesh_cfg.mesh.axes(), dcn=mesh_cfg.mesh.dcn())
     rules = sharding.make_rules(mesh_cfg.sharding.rules, mesh.axis_names)
     _, abstract, shardings = plan_state(cfg, mesh, rules)
     params = source.restore_params(step, abstract_tree(abstract, shardings)["params"])

@@ -37,8 +37,7 @@ def show(cfg) -> None:
     from train.state import make_init, state_shardings
 
     cfg, _ = resolve_data(cfg)  # the data's tokenizer may set the vocabulary size
-    mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
-                               "model": cfg.mesh.model})
+    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
     abstract = jax.eval_shape(make_init(cfg, mesh, rules), jax.random.key(0))
     shardings = state_shardings(abstract, mesh, rules)

@@ -126,8 +126,7 @@ def run(cfg: Config) -> list[dict]:
     cfg, data_path = resolve_data(cfg)
 
     # Mesh: named axes over all devices; one -1 axis takes the rest.
-    mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
-                               "model": cfg.mesh.model})
+    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
     check_batch_fits(cfg, mesh)
     log.info("mesh %s on %s (%s)", sharding.describe(mesh), jax.default_backend(),
              jax.devices()[0].device_kind)

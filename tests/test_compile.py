@@ -1,0 +1,91 @@
+"""`python -m train.compile`: the train step compiled ahead of time for TPU topologies
+(libtpu, no TPU needed) and for the local CPU devices; the collective report checked
+against the parameter-size math."""
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ["--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null"]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+def report(tmp_path, *args, devices: int = 8) -> dict:
+    out = tmp_path / "report.json"
+    proc = run_cli(*TINY, *args, "--json", str(out), module="train.compile", devices=devices)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def total(r: dict, op: str, axes: str | None = None) -> float:
+    return sum(c["bytes_per_step"] for c in r["collectives"]
+               if c["op"] == op and (axes is None or c["axes"] == axes))
+
+
+def param_bytes(r: dict) -> int:
+    return 4 * r["params"]  # fp32 parameters and gradients
+
+
+@needs_libtpu
+def test_preflight_for_a_tpu_slice(tmp_path):
+    r, text = report(tmp_path, "--topology", "v5e:2x2")
+    assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
+    assert r["hbm_per_chip"] == 16 * 1024 ** 3 and r["fits"] is True
+    m = r["memory_per_chip"]
+    assert m["total"] == m["arguments"] + m["outputs"] + m["temporaries"] > 0
+    assert m["arguments"] >= param_bytes(r) * 3 / 4  # params + 2 Adam moments, over 4 chips
+    # 6 N D (N without the tied embedding's lookup) plus attention
+    assert r["flops_per_step"] > 6 * 0.9 * r["params"] * r["tokens_per_step"]
+    assert 0 < r["xla_flops_per_chip"] < r["flops_per_chip"] * 4
+    assert total(r, "all-gather", "fsdp") > 0
+    assert "of 16.00 GiB per chip: fits" in text and "all-gather" in text
+
+
+@needs_libtpu
+def test_preflight_for_two_slices(tmp_path):
+    r, text = report(tmp_path, "--topology", "v5e:2x2", "--slices", "2", "mesh.data=2",
+                     "mesh.dcn_data=2")
+    assert r["devices"] == 8 and r["mesh"]["data"] == 2 and "x 2 slices" in r["target"]
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_exits_1(tmp_path):
+    proc = run_cli(*TINY, "--topology", "v5e:2x2", "train.batch_size=65536",
+                   module="train.compile")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: the train step does not fit in v5e:2x2" in proc.stderr
+    assert "mesh.fsdp" in proc.stderr
+
+
+def test_fsdp_report_matches_parameter_math(tmp_path):
+    """FSDP: every weight is all-gathered for the forward and again for the backward
+    (2 x parameter bytes per chip); gradients come back reduced (all-reduce: parameter
+    bytes; reduce-scatter: parameter bytes / fsdp)."""
+    r, _ = report(tmp_path, "mesh.data=1", "mesh.fsdp=8", "sharding.rules=fsdp")
+    p = param_bytes(r)
+    assert total(r, "all-gather", "fsdp") == pytest.approx(2 * p, rel=0.1)
+    reduced = total(r, "all-reduce", "fsdp") + 8 * total(r, "reduce-scatter", "fsdp")
+    assert reduced == pytest.approx(p, rel=0.1)
+
+
+def test_data_parallel_report_is_one_gradient_all_reduce(tmp_path):
+    r, _ = report(tmp_path, "mesh.data=8", "mesh.fsdp=1", "sharding.rules=dp")
+    assert total(r, "all-reduce", "data") == pytest.approx(param_bytes(r), rel=0.1)
+    assert total(r, "all-gather") == 0
+
+
+def test_bad_topology_and_mismatched_mesh_are_one_line_errors():
+    cases = [(["--topology", "v9-8"], "unknown TPU topology 'v9-8'; known: ")]
+    if importlib.util.find_spec("libtpu") is not None:
+        cases.append((["--topology", "v5e:2x2", "mesh.fsdp=8"], "needs 8 devices but 4"))
+    for args, expected in cases:
+        proc = run_cli(*TINY, *args, module="train.compile")
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+        assert expected in errors[0]
+        if "v9" in expected:
+            assert "v5p-64" in errors[0] and "v5e-256" in errors[0]

@@ -1,0 +1,200 @@
+"""Collectives in a compiled XLA program (its optimized HLO text), with bytes per step.
+
+Each collective counts its result bytes (per device) times how often it runs in one
+step: scanned layers appear once in the HLO, inside a while loop, so an op's count is
+the product of the trip counts of the loops around it. Trip counts come from the loop's
+`known_trip_count`, else from its condition (`i < N`). Replica groups are mapped back to
+the mesh axes they span.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+               "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+               "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass
+class Collective:
+    op: str  # all-gather, all-reduce, ...
+    bytes_per_step: float  # result bytes per device, times executions per step
+    executions: int  # per step
+    axes: str  # mesh axes the groups span, e.g. "fsdp" or "data+fsdp"; "?" if unknown
+
+
+def shape_bytes(type_text: str) -> float:
+    """Bytes of an HLO result type: an array `bf16[4,128]{1,0}` or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(re.sub(r"\{[^{}]*\}", "", type_text)):
+        if dtype in DTYPE_BYTES:
+            total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """{name: instruction lines} and the entry computation's name."""
+    comps, entry, current = {}, None, None
+    for line in hlo.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m and "=" not in line.split("(")[0]:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+        elif line.startswith("}"):
+            current = None
+        else:
+            comps[current].append(line)
+    return comps, entry
+
+
+def trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    body = comps.get(cond.group(1), []) if cond else []
+    root = next((l for l in body if "ROOT" in l and "compare(" in l), "")
+    constants = dict(re.findall(r"%?([\w.\-]+)\s*=\s*s\d+\[\]\S*\s+constant\((\d+)\)",
+                                "\n".join(body)))
+    if "direction=LT" in root:
+        for name, value in constants.items():
+            if f"%{name}" in root or f" {name}" in root:
+                return int(value)
+    return None
+
+
+def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
+    """How often each computation runs per step; and how many loops had an unknown trip
+    count (counted once)."""
+    calls = collections.defaultdict(list)  # caller -> [(callee, factor)]
+    unknown = 0
+    for name, lines in comps.items():
+        for line in lines:
+            if re.search(r"\swhile\(", line):
+                n = trip_count(line, comps)
+                unknown += n is None
+                body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+                calls[name].append((body, n or 1))
+                continue
+            if re.search(r"\s(async-done|async-update)\(", line):
+                continue  # the same computation as its async-start
+            for ref in re.findall(r"(?:calls|to_apply|true_computation|false_computation)="
+                                  r"%?([\w.\-]+)", line):
+                calls[name].append((ref, 1))
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                calls[name] += [(r.strip().lstrip("%"), 1) for r in group.split(",")]
+    mult = collections.Counter()
+
+    def visit(name: str, factor: int, depth: int = 0) -> None:
+        mult[name] += factor
+        if depth < 64:
+            for callee, n in calls.get(name, []):
+                if callee in comps:
+                    visit(callee, factor * n, depth + 1)
+
+    visit(entry, 1)
+    return dict(mult), unknown
+
+
+def _iota_groups(text: str) -> np.ndarray | None:
+    m = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if not m:
+        return None
+    out_shape = [int(x) for x in m.group(1).split(",")]
+    ids = np.arange(math.prod(int(x) for x in m.group(2).split(","))).reshape(
+        [int(x) for x in m.group(2).split(",")])
+    if m.group(3):
+        ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+    return ids.reshape(out_shape[0], -1)
+
+
+def group_axes(line: str, mesh_shape: dict[str, int]) -> str:
+    """The mesh axes a collective's replica groups (or permutation pairs) span."""
+    names = list(mesh_shape)
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:
+        used = re.findall(r"'([^']+)'", named.group(2))
+        declared = re.findall(r"'([^']+)'=", named.group(1))
+        big = [a for a in names if mesh_shape[a] > 1]
+        out = []
+        for axis in used:
+            if axis in mesh_shape:
+                out.append(axis)
+            elif axis in declared and len(declared) == len(big):  # 'axis_k': k-th axis > 1
+                out.append(big[declared.index(axis)])
+            else:
+                return "?"
+        return "+".join(out)
+    groups = None
+    m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", line)
+    if m:
+        groups = _iota_groups(m.group(1))
+    else:
+        m = re.search(r"(?:replica_groups|source_target_pairs)=\{(\{[\d,{}]*\})\}", line)
+        if m:
+            groups = [[int(x) for x in g.split(",") if x]
+                      for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    if groups is None:
+        return "?"
+    shape = [mesh_shape[a] for a in names]
+    size = math.prod(shape)
+    varying = set()
+    for group in groups:
+        coords = [np.unravel_index(i, shape) for i in group if i < size]
+        for k, a in enumerate(names):
+            if len({c[k] for c in coords}) > 1:
+                varying.add(a)
+    return "+".join(a for a in names if a in varying) or "none"
+
+
+def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective], int]:
+    """Every collective of the program with its bytes per step, and the number of loops
+    whose trip count could not be read (their bodies are counted once)."""
+    comps, entry = computations(hlo)
+    mult, unknown = multipliers(comps, entry)
+    out = []
+    for name, lines in comps.items():
+        runs = mult.get(name, 0)
+        if not runs:
+            continue
+        for line in lines:
+            m = _OP.match(line)
+            if not m:
+                continue
+            type_text, op = m.groups()
+            base = op[:-5] if op.endswith("-done") else op
+            if base not in COLLECTIVES or op.endswith("-start"):
+                continue
+            start_line = line
+            if op.endswith("-done"):  # groups are on the matching -start
+                operand = re.search(rf"{re.escape(op)}\(%?([\w.\-]+)", line)
+                start_line = next((l for l in lines if operand and
+                                   re.match(rf"\s*%?{re.escape(operand.group(1))}\s*=", l)),
+                                  line)
+            out.append(Collective(base, shape_bytes(type_text) * runs, runs,
+                                  group_axes(start_line, mesh_shape)))
+    return out, unknown
+
+
+def summarize(items: list[Collective]) -> list[dict]:
+    """Totals per (op, axes), largest first."""
+    table = collections.defaultdict(lambda: [0.0, 0])
+    for c in items:
+        table[(c.op, c.axes)][0] += c.bytes_per_step
+        table[(c.op, c.axes)][1] += c.executions
+    rows = [{"op": op, "axes": axes, "bytes_per_step": b, "executions": n}
+            for (op, axes), (b, n) in table.items()]
+    return sorted(rows, key=lambda r: -r["bytes_per_step"])
