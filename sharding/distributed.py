@@ -58,6 +58,8 @@ def detected_cluster() -> str | None:
     """A multi-host environment JAX configures itself, or None."""
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         return "Cloud TPU VM"
+    if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "Cloud TPU multi-slice"
     if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         return "Slurm"
     return None

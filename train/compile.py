@@ -36,7 +36,8 @@ def batch_keys(cfg) -> dict[str, str]:
     return keys
 
 
-def compile_step(cfg, devices, hbm_bytes: int | None, target: str) -> dict:
+def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
+                 hlo_path: str | None = None) -> dict:
     import jax
     from jax.sharding import NamedSharding
 
@@ -82,7 +83,11 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str) -> dict:
     xla_flops = float(cost.get("flops", 0.0))
     model_flops = flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
     mesh_shape = dict(mesh.shape)
-    items, unknown_loops = collectives(compiled.as_text(), mesh_shape)
+    hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
+    items, unknown_loops = collectives(hlo, mesh_shape)
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     return {
         "target": target, "devices": mesh.size, "mesh": mesh_shape,
@@ -139,6 +144,7 @@ def main(argv=None) -> None:
                    help="TPU target, e.g. v5p-64, v5e-256, v5e:2x2 (default: local devices)")
     p.add_argument("--slices", type=int, default=1, help="number of TPU slices (DCN)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--hlo", default=None, help="also write the optimized HLO text here")
     cfg, args = parse(p, argv)
 
     def go():
@@ -158,7 +164,7 @@ def main(argv=None) -> None:
             hbm = stats.get("bytes_limit")
             target = f"local {devices[0].platform} ({devices[0].device_kind})"
         try:
-            report = compile_step(run_cfg, devices, hbm, target)
+            report = compile_step(run_cfg, devices, hbm, target, args.hlo)
         except DoesNotFit as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -67,7 +67,7 @@ def trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
     cond = re.search(r"condition=%?([\w.\-]+)", line)
     body = comps.get(cond.group(1), []) if cond else []
     root = next((l for l in body if "ROOT" in l and "compare(" in l), "")
-    constants = dict(re.findall(r"%?([\w.\-]+)\s*=\s*s\d+\[\]\S*\s+constant\((\d+)\)",
+    constants = dict(re.findall(r"%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)",
                                 "\n".join(body)))
     if "direction=LT" in root:
         for name, value in constants.items():
