@@ -67,3 +67,30 @@ def test_unknown_names_and_axes_fail(devices):
     rules = sharding.make_rules("dp", mesh.axis_names)
     with pytest.raises(PartitionError, match="logical axis 'experts' has no rule"):
         sharding.logical_to_spec(("experts",), (8,), rules, mesh, "router")
+
+
+def test_multislice_mesh_puts_the_dcn_axis_across_slices():
+    """Two 4-device slices, data across them: each data row is one whole slice."""
+    import dataclasses
+
+    from sharding.mesh import hybrid_devices
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeDevice:
+        id: int
+        slice_index: int
+        process_index: int = 0
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+
+    devices = [FakeDevice(i, i // 4) for i in range(8)]
+    grid = hybrid_devices({"data": 2, "fsdp": 4, "model": 1},
+                          {"data": 2, "fsdp": 1, "model": 1}, devices)
+    assert grid.shape == (2, 4, 1)
+    assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
+    with pytest.raises(sharding.MeshError, match="span 2 TPU slices"):
+        hybrid_devices({"data": 2, "fsdp": 4, "model": 1}, {"data": 1, "fsdp": 4, "model": 1},
+                       devices)
+    with pytest.raises(sharding.MeshError, match="does not divide by mesh.dcn_fsdp=3"):
+        hybrid_devices({"data": 2, "fsdp": 4, "model": 1}, {"data": 1, "fsdp": 3, "model": 1},
+                       devices)
