@@ -9,6 +9,8 @@ crash mid-save leaves nothing that restores; leftovers are removed on the next s
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -129,13 +131,29 @@ class Checkpoints:
             STATE: ocp.args.StandardSave(state_tree(state)),
             META: ocp.args.JsonSave(meta), CONFIG: ocp.args.JsonSave(config)})
         self.pending = step
-        try:  # in this thread: Orbax's async machinery is bound to the caller's thread
+        # In this thread (Orbax's async machinery is bound to the caller's thread), so a
+        # storage server that stops answering could block it forever: a watchdog ends
+        # the run with the usual error line once save_timeout_s has passed.
+        watchdog = threading.Timer(self.timeout_s, self._stuck, args=(step,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:
             raise SaveError(f"saving step {step} to {self.directory} failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); earlier "
                             "complete checkpoints are untouched: rerun the same command to "
                             "resume from the latest") from None
+        finally:
+            watchdog.cancel()
+
+    def _stuck(self, step: int) -> None:
+        print(f"error: saving step {step} to {self.directory} did not start within "
+              f"checkpoint.save_timeout_s={self.timeout_s:g}; earlier complete checkpoints "
+              "are untouched: rerun the same command to resume from the latest",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the blocked storage call cannot be interrupted
 
     def wait(self) -> None:
         """Block until every started save is committed (raises SaveError if one failed)."""
