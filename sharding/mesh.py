@@ -65,7 +65,8 @@ def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = 
     if devices[0].platform == "tpu" and len(devices) != len(jax.devices()):
         # A TPU topology compiled for from another machine: order by the chip grid.
         from jax.experimental import mesh_utils
-        return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, axis_types=auto)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
     # A subset of devices (tests, single-device references): keep the given order.
