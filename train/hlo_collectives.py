@@ -123,21 +123,19 @@ def _iota_groups(text: str) -> np.ndarray | None:
 
 def group_axes(line: str, mesh_shape: dict[str, int]) -> str:
     """The mesh axes a collective's replica groups (or permutation pairs) span."""
-    names = list(mesh_shape)
     named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-    if named:
+    if named:  # device ids laid out on XLA's own mesh; groups run along the named axes
+        declared = re.findall(r"'([^']+)'=(\d+)", named.group(1))
         used = re.findall(r"'([^']+)'", named.group(2))
-        declared = re.findall(r"'([^']+)'=", named.group(1))
-        big = [a for a in names if mesh_shape[a] > 1]
-        out = []
-        for axis in used:
-            if axis in mesh_shape:
-                out.append(axis)
-            elif axis in declared and len(declared) == len(big):  # 'axis_k': k-th axis > 1
-                out.append(big[declared.index(axis)])
-            else:
-                return "?"
-        return "+".join(out)
+        axes = [a for a, _ in declared]
+        if not declared or any(a not in axes for a in used):
+            return "?"
+        ids = np.arange(math.prod(int(n) for _, n in declared)).reshape(
+            [int(n) for _, n in declared])
+        order = [axes.index(a) for a in axes if a not in used] + [axes.index(a) for a in used]
+        groups = ids.transpose(order).reshape(-1, math.prod(int(dict(declared)[a])
+                                                            for a in used))
+        return _varying(groups, mesh_shape)
     groups = None
     m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", line)
     if m:
@@ -149,11 +147,18 @@ def group_axes(line: str, mesh_shape: dict[str, int]) -> str:
                       for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
     if groups is None:
         return "?"
+    return _varying(groups, mesh_shape)
+
+
+def _varying(groups, mesh_shape: dict[str, int]) -> str:
+    """Mesh axes along which the device ids of some group differ (partition id p is
+    mesh position p in row-major order)."""
+    names = list(mesh_shape)
     shape = [mesh_shape[a] for a in names]
     size = math.prod(shape)
     varying = set()
     for group in groups:
-        coords = [np.unravel_index(i, shape) for i in group if i < size]
+        coords = [np.unravel_index(int(i), shape) for i in group if int(i) < size]
         for k, a in enumerate(names):
             if len({c[k] for c in coords}) > 1:
                 varying.add(a)
