@@ -112,25 +112,24 @@ def size(b: float) -> str:
 
 
 def render(r: dict) -> str:
-    gib = size
     m = r["memory_per_chip"]
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [f"target {r['target']}: {r['devices']} devices, mesh {mesh}, rules {r['rules']}",
              f"model {r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step']:,} tokens "
              f"per step; compiled in {r['compile_s']:.1f} s",
-             f"memory per chip: arguments {gib(m['arguments'])} + outputs {gib(m['outputs'])}"
-             f" + temporaries {gib(m['temporaries'])} = {gib(m['total'])}"]
+             f"memory per chip: arguments {size(m['arguments'])} + outputs {size(m['outputs'])}"
+             f" + temporaries {size(m['temporaries'])} = {size(m['total'])}"]
     if r["hbm_per_chip"]:
         verdict = "fits" if r["fits"] else "DOES NOT FIT"
-        lines.append(f"  of {gib(r['hbm_per_chip'])} per chip: {verdict} "
+        lines.append(f"  of {size(r['hbm_per_chip'])} per chip: {verdict} "
                      f"({100 * m['total'] / r['hbm_per_chip']:.0f}%)")
     lines.append(f"FLOPs per step (model, 6N + attention, as for MFU): "
                  f"{r['flops_per_step']:.3e}, {r['flops_per_chip']:.3e} per chip; XLA's cost "
                  f"analysis: {r['xla_flops_per_chip']:.3e} per chip (loop bodies, such as "
                  "the scanned layers, counted once)")
-    lines.append(f"collectives per step per chip: {gib(r['collective_bytes_per_chip'])}")
+    lines.append(f"collectives per step per chip: {size(r['collective_bytes_per_chip'])}")
     for c in r["collectives"]:
-        lines.append(f"  {c['op']:<19} over {c['axes']:<16} {gib(c['bytes_per_step']):>12}"
+        lines.append(f"  {c['op']:<19} over {c['axes']:<16} {size(c['bytes_per_step']):>12}"
                      f"  ({c['executions']} per step)")
     if r["unknown_trip_counts"]:
         lines.append(f"  ({r['unknown_trip_counts']} loops with an unknown trip count were "

@@ -55,15 +55,13 @@ class WindowBatches:
         tokens = self.corpus.train_BYTES if split == "train" else self.corpus.val_BYTES
         return window_batch(tokens, t.batch_size, t.seq_len, t.seed, step)
 
-    def batch(self, step: int) -> dict[str, jax.Array]:
-        rows_bT1 = self.local(step)
+    def batch(self, step: int, split: str = "train") -> dict[str, jax.Array]:
+        rows_bT1 = self.local(step, split)
         return to_global({"inputs": rows_bT1[:, :-1], "targets": rows_bT1[:, 1:]},
                          self.cfg, self.sharding)
 
     def eval_batch(self, i: int) -> dict[str, jax.Array]:
-        rows_bT1 = self.local(i, "val")
-        return to_global({"inputs": rows_bT1[:, :-1], "targets": rows_bT1[:, 1:]},
-                         self.cfg, self.sharding)
+        return self.batch(i, "val")
 
     def position(self, step: int) -> dict:
         return {"kind": self.cfg.data.source, "seed": self.cfg.train.seed, "next_batch": step}
@@ -107,7 +105,6 @@ class PackedBatches:
         self.train = sequences.repeat()
         val = PackedSequences(path, "val", t.seq_len, d.mask_documents)
         self.val = grain.MapDataset.source(val).repeat() if len(val) else None
-        self.num_val_sequences = len(val)
         self.iterator, self.next_step, self.cached = None, None, None
 
     def _start(self, step: int) -> None:
