@@ -55,3 +55,55 @@ def test_shapes_and_named_groups():
     assert group_axes(line, MESH) == "data+fsdp"
     line = "x = f32[4] all-gather(y), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}"
     assert group_axes(line, MESH) == "fsdp"
+
+
+CHAIN_HLO = """HloModule chain
+
+%fused_start (param_0: bf16[2,8]) -> bf16[4,8] {
+  %param_0 = bf16[2,8]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[4,8]{1,0} all-gather(%param_0), channel_id=7, replica_groups=[2,2]<=[4], dimensions={0}
+}
+
+%async_collective_fusion.1 (param_0.1: bf16[2,8]) -> bf16[4,8] {
+  %param_0.1 = bf16[2,8]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[4,8]{1,0} all-gather(%param_0.1), channel_id=7, replica_groups=[2,2]<=[4], dimensions={0}
+}
+
+%fused_done (param_0.2: bf16[2,8]) -> bf16[4,8] {
+  %param_0.2 = bf16[2,8]{1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[4,8]{1,0} all-gather(%param_0.2), channel_id=7, replica_groups=[2,2]<=[4], dimensions={0}
+}
+
+%inner (p: (s32[], bf16[2,8])) -> (s32[], bf16[2,8]) {
+  %p = (s32[], bf16[2,8]) parameter(0)
+  %x = bf16[2,8]{1,0} get-tuple-element(%p), index=1
+  %fusion.9 = bf16[4,8]{1,0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.1
+  ROOT %t = (s32[], bf16[2,8]) tuple(%i, %x)
+}
+
+%body (p: (s32[], bf16[2,8])) -> (s32[], bf16[2,8]) {
+  %p = (s32[], bf16[2,8]) parameter(0)
+  %x = bf16[2,8]{1,0} get-tuple-element(%p), index=1
+  %async-collective-start.1 = bf16[4,8]{1,0} fusion(%x), kind=kCustom, calls=%fused_start
+  %w = (s32[], bf16[2,8]) while(%p), condition=%cond, body=%inner, backend_config={"known_trip_count":{"n":"3"}}
+  %async-collective-done.1 = bf16[4,8]{1,0} fusion(%x), kind=kCustom, calls=%fused_done
+  %other = bf16[4,8]{1,0} all-gather(%x), channel_id=8, replica_groups=[2,2]<=[4], dimensions={0}
+  ROOT %t = (s32[], bf16[2,8]) tuple(%i, %x)
+}
+
+ENTRY %main (a: bf16[2,8]) -> bf16[2,8] {
+  %a = bf16[2,8]{1,0} parameter(0)
+  %loop = (s32[], bf16[2,8]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %r = bf16[2,8]{1,0} copy(%a)
+}
+"""
+
+
+def test_async_collective_chain_counts_once():
+    """A collective the TPU compiler split into start / continuation / done fusions (one
+    channel id) is one transfer per trip of the loop holding its start, even when a
+    continuation runs inside an inner loop; another channel is another transfer."""
+    items, _ = collectives(CHAIN_HLO, MESH)
+    rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
+    # two distinct all-gathers (channels 7 and 8), 4 x 8 bf16 = 64 B each, 4 trips
+    assert rows == {("all-gather", "fsdp"): (2 * 4 * 64, 2 * 4)}

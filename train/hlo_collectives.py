@@ -5,6 +5,11 @@ step: scanned layers appear once in the HLO, inside a while loop, so an op's cou
 the product of the trip counts of the loops around it. Trip counts come from the loop's
 `known_trip_count`, else from its condition (`i < N`). Replica groups are mapped back to
 the mesh axes they span.
+
+The TPU compiler splits one collective into a chain of fusions that overlap it with
+compute (an async-collective-start, continuations, a done), each holding a copy of the
+collective with the same channel id; a chain is one transfer, counted once, as often as
+its start runs (continuations can sit inside an inner loop they overlap with).
 """
 
 from __future__ import annotations
@@ -170,7 +175,7 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
     whose trip count could not be read (their bodies are counted once)."""
     comps, entry = computations(hlo)
     mult, unknown = multipliers(comps, entry)
-    out = []
+    out, chains = [], {}  # (op, channel id) -> index in out
     for name, lines in comps.items():
         runs = mult.get(name, 0)
         if not runs:
@@ -189,8 +194,18 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
                 start_line = next((l for l in lines if operand and
                                    re.match(rf"\s*%?{re.escape(operand.group(1))}\s*=", l)),
                                   line)
-            out.append(Collective(base, shape_bytes(type_text) * runs, runs,
-                                  group_axes(start_line, mesh_shape)))
+            item = Collective(base, shape_bytes(type_text) * runs, runs,
+                              group_axes(start_line, mesh_shape))
+            channel = re.search(r"channel_id=(\d+)", line)
+            key = (base, channel.group(1)) if channel else None
+            if key is None or key not in chains:
+                if key is not None:
+                    chains[key] = len(out)
+                out.append(item)
+            elif item.executions < out[chains[key]].executions:
+                # parts of one chain: continuations may sit in an inner loop (overlapping
+                # its compute); the transfer runs as often as its start
+                out[chains[key]] = item
     return out, unknown
 
 
