@@ -31,7 +31,14 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # auto: cuDNN on GPUs (bf16/fp16), blocked elsewhere. blocked: exact attention a block
+    # of `attention_block` queries at a time (scores held: B x N x block x T, not x T).
+    attention: Literal["auto", "xla", "cudnn", "blocked"] = "auto"
+    attention_block: int = 128
+    # The training loss computes the logits this many vocabulary slices at a time (the
+    # largest divisor of vocab_size up to this), so B x T x V fp32 logits never exist at
+    # once; 1: all at once.
+    vocab_chunks: int = 8
 
     @property
     def kv_heads(self) -> int:
@@ -51,6 +58,7 @@ class ModelConfig:
                              f"model.num_kv_heads={self.kv_heads}")
         if self.style == "llama" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
-        for key in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len"):
+        for key in ("vocab_size", "vocab_chunks", "attention_block", "num_layers", "d_model",
+                    "num_heads", "mlp_dim", "max_seq_len"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")

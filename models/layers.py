@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from models.attention import blocked_attention
 from models.config import ModelConfig
 
 Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
@@ -46,12 +47,13 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_impl(cfg: ModelConfig) -> str:
-    """`auto` is cuDNN's fused kernel on GPUs (half precision only), XLA elsewhere."""
+    """`auto` is cuDNN's fused kernel on GPUs (half precision only), blocked attention
+    (models/attention.py) elsewhere."""
     if cfg.attention != "auto":
         return cfg.attention
     on_gpu = jax.default_backend() == "gpu"
     half = cfg.dtype in ("bfloat16", "float16")
-    return "cudnn" if on_gpu and half and cfg.head_size % 8 == 0 else "xla"
+    return "cudnn" if on_gpu and half and cfg.head_size % 8 == 0 else "blocked"
 
 
 def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
@@ -74,11 +76,17 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
     v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
     mask_B1TS, impl = None, attention_impl(cfg)
-    if segment_ids_BT is not None:
-        mask_B1TS = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-        impl = "xla"  # the cuDNN path is not verified with masks here
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
-                                            is_causal=True, implementation=impl)
+    if segment_ids_BT is not None and impl == "cudnn":
+        impl = "blocked"  # the cuDNN path is not verified with masks here
+    if impl == "blocked":
+        out_BTNH = blocked_attention(q_BTNH, k_BTKH, v_BTKH, cfg.attention_block,
+                                     segment_ids_BT)
+    else:
+        if segment_ids_BT is not None:
+            mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
+                                                is_causal=True, implementation=impl)
+    out_BTNH = constrain(out_BTNH, ("batch", "act_length", "act_heads", None))
     out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
     return out_BTD + _bias(p, "o_bias", dt)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from models import head, layers
 from models.config import ModelConfig
 from models.layers import Constrain
 
@@ -70,10 +70,26 @@ class StackedBlocks(nnx.Module):
         return {name: var.get_value() for name, var in vars(self).items()
                 if isinstance(var, nnx.Param)}
 
+    def layer_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Each parameter's logical axes without the leading "layers" axis."""
+        return {name: tuple(var.get_metadata()["logical_axes"][1:])
+                for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
                  positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
                  ) -> jax.Array:
-        body = functools.partial(layers.block, cfg, constrain)
+        axes = self.layer_axes()
+        dt = jnp.dtype(cfg.dtype)
+        gathered = lambda a: tuple(None if n == "embed" else n for n in a)
+
+        def body(p, x_BTD, positions_BT, segment_ids_BT):
+            # Cast each weight matrix to the compute dtype while it is still sharded, so
+            # FSDP gathers it in bf16 and reduce-scatters its gradient (not an all-reduce
+            # of the full gradient).
+            p = {k: constrain(constrain(v.astype(dt), axes[k]), gathered(axes[k]))
+                 if v.ndim >= 2 else v for k, v in p.items()}
+            return layers.block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT)
+
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
                                   prevent_cse=not cfg.scan_layers)
@@ -114,8 +130,9 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+    def features(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """tokens (B, T) -> the final normalized hidden states (B, T, D) the head reads."""
         cfg, constrain = self.cfg, self.constrain
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
@@ -128,16 +145,35 @@ class Transformer(nnx.Module):
                                          axis=0).astype(dt)
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
         x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT)
+        bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
+        return layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
+
+    def head_weight(self) -> jax.Array:
+        """The output projection (D, V), logical axes ("embed", "vocab"), param dtype."""
+        if self.cfg.tie_embeddings:
+            return self.embedding.get_value().T
+        return self.head.get_value()
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        x_BTD = self.features(tokens_BT, positions_BT, segment_ids_BT)
         with jax.named_scope("head"):
-            bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
-            x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
-            if cfg.tie_embeddings:
-                w_DV = self.embedding.get_value().T
-            else:
-                w_DV = self.head.get_value()
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(dt),
+            w_DV = self.head_weight().astype(x_BTD.dtype)
+            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV,
                                     preferred_element_type=jnp.float32)
-            return constrain(logits_BTV, ("batch", "act_length", "act_vocab"))
+            return self.constrain(logits_BTV, ("batch", "act_length", "act_vocab"))
+
+    def logsumexp_and_target(self, tokens_BT: jax.Array, targets_BT: jax.Array,
+                             positions_BT: jax.Array | None = None,
+                             segment_ids_BT: jax.Array | None = None
+                             ) -> tuple[jax.Array, jax.Array]:
+        """What the loss needs without the full logits: logsumexp over the vocabulary and
+        the target's logit, (B, T) fp32 each, computed `cfg.vocab_chunks` slices at a time."""
+        x_BTD = self.features(tokens_BT, positions_BT, segment_ids_BT)
+        with jax.named_scope("head"):
+            return head.logsumexp_and_target(x_BTD, self.head_weight(), targets_BT,
+                                             self.cfg.vocab_chunks, self.constrain,
+                                             jnp.dtype(self.cfg.dtype))
 
 
 def count_params(cfg: ModelConfig, *, exclude_positions: bool = True) -> int:

@@ -61,13 +61,16 @@ def test_a_step_that_does_not_fit_exits_1(tmp_path):
     assert "mesh.fsdp" in proc.stderr
 
 
-def test_fsdp_report_matches_parameter_math(tmp_path):
-    """FSDP: every weight is all-gathered for the forward and again for the backward
-    (2 x parameter bytes per chip); gradients come back reduced (all-reduce: parameter
-    bytes; reduce-scatter: parameter bytes / fsdp)."""
-    r, _ = report(tmp_path, "mesh.data=1", "mesh.fsdp=8", "sharding.rules=fsdp")
+@pytest.mark.parametrize("remat,gathers", [("none", 1), ("full", 2)])
+def test_fsdp_report_matches_parameter_math(tmp_path, remat, gathers):
+    """FSDP (tiny.yaml computes in fp32): every weight is all-gathered once for the
+    forward, kept for the backward without remat and gathered again with full remat
+    (1 or 2 x parameter bytes per chip); gradients come back reduced (all-reduce:
+    parameter bytes; reduce-scatter: parameter bytes / fsdp)."""
+    r, _ = report(tmp_path, "mesh.data=1", "mesh.fsdp=8", "sharding.rules=fsdp",
+                  f"model.remat={remat}")
     p = param_bytes(r)
-    assert total(r, "all-gather", "fsdp") == pytest.approx(2 * p, rel=0.1)
+    assert total(r, "all-gather", "fsdp") == pytest.approx(gathers * p, rel=0.1)
     reduced = total(r, "all-reduce", "fsdp") + 8 * total(r, "reduce-scatter", "fsdp")
     assert reduced == pytest.approx(p, rel=0.1)
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import REPO, small_config
 from models import ModelConfig, Transformer, count_params
+from models.attention import blocked_attention, num_blocks
 from models.layers import attention_impl
 from train.config import load_config
 
@@ -43,14 +44,49 @@ def test_grouped_query_attention_matches_hand_written():
     q = jax.random.normal(key[0], (2, 7, 8, 16))
     k = jax.random.normal(key[1], (2, 7, 2, 16))
     v = jax.random.normal(key[2], (2, 7, 2, 16))
-    ours = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                        implementation=attention_impl(ModelConfig(dtype="float32")))
-    np.testing.assert_allclose(ours, naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    xla = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(xla, naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    blocked = blocked_attention(q, k, v, block=3)
+    np.testing.assert_allclose(blocked, naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_auto_is_xla_off_gpu():
-    assert attention_impl(ModelConfig(attention="auto")) == "xla"  # tests run on CPU
+def test_attention_auto_is_blocked_off_gpu():
+    assert attention_impl(ModelConfig(attention="auto")) == "blocked"  # tests run on CPU
     assert attention_impl(ModelConfig(attention="cudnn")) == "cudnn"
+
+
+def test_num_blocks():
+    assert num_blocks(2048, 512) == 4
+    assert num_blocks(16, 512) == 1
+    assert num_blocks(24, 5) == 6  # fewest blocks of at most 5 that divide 24 evenly
+    assert num_blocks(7, 2) == 7
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("block", [4, 5, 64])
+def test_blocked_attention_matches_dot_product_attention(block, segments):
+    """Values and gradients equal jax.nn.dot_product_attention (XLA), with grouped kv
+    heads and, with segments, a document mask."""
+    key = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(key[0], (2, 24, 8, 16))
+    k = jax.random.normal(key[1], (2, 24, 2, 16))
+    v = jax.random.normal(key[2], (2, 24, 2, 16))
+    seg = jnp.cumsum(jax.random.uniform(key[3], (2, 24)) < 0.2, axis=1) if segments else None
+    mask = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+
+    def ref(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="xla")
+
+    def ours(q, k, v):
+        return blocked_attention(q, k, v, block, seg)
+
+    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    probe = jax.random.normal(jax.random.key(5), q.shape)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+    g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["model.scan_layers=false", "model.remat=full",

@@ -13,18 +13,24 @@ from train.state import TrainState
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float,
                   weights_BT: jax.Array | None = None, total_weight: jax.Array | None = None
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Next-token loss (+ z_loss * logsumexp^2), averaged over the tokens with weight
-    (all of them without weights); returns (total, (ce, z)). With `total_weight`, sums
-    are divided by it instead of by this batch's own weight, so microbatch losses add up
-    to the whole batch's mean.
-
-    The target logit is picked by a one-hot product rather than a gather, which
-    partitions cleanly when the vocabulary is sharded.
-    """
+    """Next-token loss from full logits; see `loss_from_stats`. The target logit is
+    picked by a one-hot product rather than a gather, which partitions cleanly when the
+    vocabulary is sharded."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=logits_BTV.dtype)
     target_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
+    return loss_from_stats(lse_BT, target_BT, z_loss, weights_BT, total_weight)
+
+
+def loss_from_stats(lse_BT: jax.Array, target_BT: jax.Array, z_loss: float,
+                    weights_BT: jax.Array | None = None,
+                    total_weight: jax.Array | None = None
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Next-token loss (+ z_loss * logsumexp^2) from each token's logsumexp and target
+    logit, averaged over the tokens with weight (all of them without weights); returns
+    (total, (ce, z)). With `total_weight`, sums are divided by it instead of by this
+    batch's own weight, so microbatch losses add up to the whole batch's mean."""
     if weights_BT is None:
         weights_BT = jnp.ones_like(lse_BT)
     if total_weight is None:
@@ -43,9 +49,10 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
             total_weight: jax.Array):
     model = nnx.merge(state.graphdef, params)
-    logits_BTV = model(micro["inputs"], **model_inputs(micro))
-    return cross_entropy(logits_BTV, micro["targets"], state.step_cfg.z_loss,
-                         micro.get("weights"), total_weight)
+    lse_BT, target_BT = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                   **model_inputs(micro))
+    return loss_from_stats(lse_BT, target_BT, state.step_cfg.z_loss, micro.get("weights"),
+                           total_weight)
 
 
 def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
@@ -91,10 +98,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
     model = nnx.merge(state.graphdef, state.params)
 
     def one(carry, micro):
-        logits_BTV = model(micro["inputs"], **model_inputs(micro))
+        lse_BT, target_BT = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                       **model_inputs(micro))
         w_BT = micro.get("weights", jnp.ones(micro["targets"].shape, jnp.float32))
-        _, (ce_sum, _) = cross_entropy(logits_BTV, micro["targets"], 0.0, w_BT,
-                                       jnp.float32(1.0))
+        _, (ce_sum, _) = loss_from_stats(lse_BT, target_BT, 0.0, w_BT, jnp.float32(1.0))
         return (carry[0] + ce_sum, carry[1] + jnp.sum(w_BT)), None
 
     zero = jnp.zeros((), jnp.float32)

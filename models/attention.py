@@ -1,0 +1,56 @@
+"""Exact causal attention computed a block of queries at a time, in plain JAX.
+
+XLA's dot_product_attention materializes fp32 scores for every (query, key) pair:
+B x N x T x T, the largest activation of a layer at long sequences (1 GiB per chip for
+two 2,048-token sequences of Llama-3-8B). Here the queries are split into blocks of
+`block` and a loop (lax.scan, each step rematerialized in the backward pass) computes
+one block's scores at a time against all keys, so the scores held at once are
+B x N x block x T. Runs on every backend; the result equals dot_product_attention's.
+
+Shapes: B batch, T length (queries), S length (keys), N query heads, K kv heads,
+G = N / K queries per kv head, H head size, n blocks, C = T / n queries per block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def num_blocks(length: int, block: int) -> int:
+    """Blocks of at most `block` queries that divide `length` evenly (fewest such)."""
+    return next(n for n in range(max(1, -(-length // max(block, 1))), length + 1)
+                if length % n == 0)
+
+
+def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                      block: int, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(H)) v with grouped kv heads; with segment ids a query
+    attends only to keys of its own segment. fp32 scores and softmax, output in q's
+    dtype, (B, T, N, H)."""
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G, n = N // K, num_blocks(T, block)
+    C = T // n
+    q_nBCKGH = jnp.moveaxis(q_BTNH.reshape(B, n, C, K, G, H), 1, 0)
+    starts_n = jnp.arange(n, dtype=jnp.int32) * C
+    seg_nBC = (jnp.zeros((n, B, C), jnp.int32) if segment_ids_BT is None
+               else jnp.moveaxis(segment_ids_BT.reshape(B, n, C), 1, 0))
+    scale = 1.0 / jnp.sqrt(jnp.float32(H))
+
+    @jax.checkpoint
+    def one_block(_, xs):
+        q_BCKGH, start, seg_BC = xs
+        scores_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", q_BCKGH, k_BSKH,
+                                  preferred_element_type=jnp.float32) * scale
+        keep_BCS = ((start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :])[None]
+        if segment_ids_BT is not None:
+            keep_BCS = keep_BCS & (seg_BC[:, :, None] == segment_ids_BT[:, None, :])
+        scores_BKGCS = jnp.where(keep_BCS[:, None, None], scores_BKGCS,
+                                 jnp.finfo(jnp.float32).min)
+        probs_BKGCS = jax.nn.softmax(scores_BKGCS, axis=-1).astype(v_BSKH.dtype)
+        out_BCKGH = jnp.einsum("bkgcs,bskh->bckgh", probs_BKGCS, v_BSKH)
+        return None, out_BCKGH
+
+    _, out_nBCKGH = jax.lax.scan(one_block, None, (q_nBCKGH, starts_n, seg_nBC))
+    return jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, N, H)
