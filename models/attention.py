@@ -38,9 +38,7 @@ def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                else jnp.moveaxis(segment_ids_BT.reshape(B, n, C), 1, 0))
     scale = 1.0 / jnp.sqrt(jnp.float32(H))
 
-    @jax.checkpoint
-    def one_block(_, xs):
-        q_BCKGH, start, seg_BC = xs
+    def one_block(q_BCKGH, start, seg_BC):
         scores_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", q_BCKGH, k_BSKH,
                                   preferred_element_type=jnp.float32) * scale
         keep_BCS = ((start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :])[None]
@@ -49,8 +47,10 @@ def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         scores_BKGCS = jnp.where(keep_BCS[:, None, None], scores_BKGCS,
                                  jnp.finfo(jnp.float32).min)
         probs_BKGCS = jax.nn.softmax(scores_BKGCS, axis=-1).astype(v_BSKH.dtype)
-        out_BCKGH = jnp.einsum("bkgcs,bskh->bckgh", probs_BKGCS, v_BSKH)
-        return None, out_BCKGH
+        return jnp.einsum("bkgcs,bskh->bckgh", probs_BKGCS, v_BSKH)
 
-    _, out_nBCKGH = jax.lax.scan(one_block, None, (q_nBCKGH, starts_n, seg_nBC))
+    if n == 1:  # a single block needs no loop
+        return one_block(q_nBCKGH[0], starts_n[0], seg_nBC[0]).reshape(B, T, N, H)
+    step = jax.checkpoint(lambda _, xs: (None, one_block(*xs)))
+    _, out_nBCKGH = jax.lax.scan(step, None, (q_nBCKGH, starts_n, seg_nBC))
     return jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, N, H)

@@ -68,6 +68,9 @@ def logsumexp_and_target(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arra
     B, T = targets_BT.shape
     zeros_BT = jnp.zeros((B, T), jnp.float32)
     init = (jnp.full((B, T), -jnp.inf, jnp.float32), zeros_BT, zeros_BT)
-    (max_BT, sumexp_BT, target_BT), _ = jax.lax.scan(slice_stats, init, (w_nDC, ids_nC))
+    if n == 1:  # a single slice needs no loop
+        (max_BT, sumexp_BT, target_BT), _ = slice_stats(init, (w_nDC[0], ids_nC[0]))
+    else:
+        (max_BT, sumexp_BT, target_BT), _ = jax.lax.scan(slice_stats, init, (w_nDC, ids_nC))
     return max_BT + jnp.log(sumexp_BT), target_BT
 

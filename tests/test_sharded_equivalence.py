@@ -36,7 +36,11 @@ def run_on_mesh(cfg, shape, devices):
 def style_reference(request, devices):
     heads = ["model.num_kv_heads=8"] if request.param == "gpt2" else []
     # warmup_steps=1: steps after the first use a non-zero learning rate.
-    cfg = small_config(f"model.style={request.param}", "optimizer.warmup_steps=1", *heads)
+    # llama also runs the chunked loss and blocked attention as loops under sharding
+    loops = (["model.vocab_chunks=4", "model.attention_block=8"] if request.param == "llama"
+             else [])
+    cfg = small_config(f"model.style={request.param}", "optimizer.warmup_steps=1", *heads,
+                       *loops)
     return cfg, run_on_mesh(cfg, (1, 1, 1), devices)
 
 
