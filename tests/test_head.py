@@ -34,7 +34,7 @@ def test_stats_match_logsumexp_with_large_logits():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("chunks,tie", [(8, True), (8, False), (3, True), (1, False)])
+@pytest.mark.parametrize("chunks,tie", [(8, True), (3, False)])
 def test_chunked_loss_and_grads_equal_full_logits(chunks, tie):
     cfg = small_config(f"model.vocab_chunks={chunks}", f"model.tie_embeddings={tie}").model
     model = Transformer(cfg, rngs=nnx.Rngs(0))

@@ -62,8 +62,7 @@ def test_num_blocks():
     assert num_blocks(7, 2) == 7
 
 
-@pytest.mark.parametrize("segments", [False, True])
-@pytest.mark.parametrize("block", [4, 5, 64])
+@pytest.mark.parametrize("block,segments", [(4, False), (5, True), (64, True)])
 def test_blocked_attention_matches_dot_product_attention(block, segments):
     """Values and gradients equal jax.nn.dot_product_attention (XLA), with grouped kv
     heads and, with segments, a document mask."""

@@ -15,7 +15,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8)]
 STEPS = 3
 
 
-def run_on_mesh(cfg, shape, devices):
+def run_on_mesh(cfg, shape, devices, steps=STEPS):
     """(loss, grads, per-step losses) of `cfg` on a (data, fsdp, model) mesh."""
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)),
                               devices=devices[:int(np.prod(shape))])
@@ -26,7 +26,7 @@ def run_on_mesh(cfg, shape, devices):
     ce, _, grads = jax.jit(compute_grads)(state, batches.batch(0))
     step = jit_train_step(state_shardings, {"inputs": batch_sharding, "targets": batch_sharding})
     losses = []
-    for i in range(STEPS):
+    for i in range(steps):
         state, metrics = step(state, batches.batch(i))
         losses.append(float(metrics["loss"]))
     return float(ce), jax.device_get(jax.tree.leaves(grads)), losses
@@ -36,11 +36,7 @@ def run_on_mesh(cfg, shape, devices):
 def style_reference(request, devices):
     heads = ["model.num_kv_heads=8"] if request.param == "gpt2" else []
     # warmup_steps=1: steps after the first use a non-zero learning rate.
-    # llama also runs the chunked loss and blocked attention as loops under sharding
-    loops = (["model.vocab_chunks=4", "model.attention_block=8"] if request.param == "llama"
-             else [])
-    cfg = small_config(f"model.style={request.param}", "optimizer.warmup_steps=1", *heads,
-                       *loops)
+    cfg = small_config(f"model.style={request.param}", "optimizer.warmup_steps=1", *heads)
     return cfg, run_on_mesh(cfg, (1, 1, 1), devices)
 
 
@@ -58,3 +54,15 @@ def test_sharded_matches_single_device(style_reference, shape, devices):
     for g, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_chunked_loss_and_blocked_attention_sharded(devices):
+    """The vocabulary-slice and query-block loops (4 slices, blocks of 8 queries) under
+    FSDP + TP give the single-device loss and gradients."""
+    cfg = small_config("model.vocab_chunks=4", "model.attention_block=8")
+    ref_loss, ref_grads, _ = run_on_mesh(cfg, (1, 1, 1), devices, steps=0)
+    loss, grads, _ = run_on_mesh(cfg, (2, 2, 2), devices, steps=0)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    scale = max(np.abs(ref).max() for ref in ref_grads)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6 * scale)
