@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from models.layers import Constrain
+from models.layers import Constrain, for_compute
 
 HEAD_AXES = ("embed", "vocab")  # the (D, V) head weight, tied or not
-GATHERED_AXES = (None, "vocab")  # as the matmul uses it: whole along D (FSDP gathered)
 
 
 def num_chunks(vocab_size: int, requested: int) -> int:
@@ -52,8 +51,7 @@ def logsumexp_and_target(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arra
     def slice_stats(carry, xs):
         max_BT, sumexp_BT, target_BT = carry
         w_DC, ids_C = xs
-        w_DC = constrain(w_DC.astype(dtype), HEAD_AXES)
-        w_DC = checkpoint_name(constrain(w_DC, GATHERED_AXES), "head_weight")
+        w_DC = checkpoint_name(for_compute(w_DC, HEAD_AXES, dtype, constrain), "head_weight")
         logits_BTC = jnp.einsum("btd,dc->btc", x32_BTD.astype(dtype), w_DC,
                                 preferred_element_type=jnp.float32)
         logits_BTC = constrain(logits_BTC, ("batch", "act_length", "act_vocab"))
@@ -73,4 +71,3 @@ def logsumexp_and_target(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arra
     else:
         (max_BT, sumexp_BT, target_BT), _ = jax.lax.scan(slice_stats, init, (w_nDC, ids_nC))
     return max_BT + jnp.log(sumexp_BT), target_BT
-

@@ -46,6 +46,16 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
+def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Constrain
+                ) -> jax.Array:
+    """A weight as a matmul uses it: cast to the compute dtype while still laid out as the
+    parameter (FSDP then moves bf16, not fp32), then gathered explicitly along its
+    FSDP-sharded "embed" axis, once per use (the TPU compiler otherwise streams a weight
+    through collective-permute rings once per matmul that reads it)."""
+    w = constrain(w.astype(dtype), axes)
+    return constrain(w, tuple(None if a == "embed" else a for a in axes))
+
+
 def attention_impl(cfg: ModelConfig) -> str:
     """`auto` is cuDNN's fused kernel on GPUs (half precision only), blocked attention
     (models/attention.py) elsewhere."""
@@ -75,15 +85,15 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     q_BTNH = constrain(q_BTNH, ("batch", "act_length", "act_heads", None))
     k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
     v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
-    mask_B1TS, impl = None, attention_impl(cfg)
+    impl = attention_impl(cfg)
     if segment_ids_BT is not None and impl == "cudnn":
         impl = "blocked"  # the cuDNN path is not verified with masks here
     if impl == "blocked":
         out_BTNH = blocked_attention(q_BTNH, k_BTKH, v_BTKH, cfg.attention_block,
                                      segment_ids_BT)
     else:
-        if segment_ids_BT is not None:
-            mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        mask_B1TS = None if segment_ids_BT is None else (
+            segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
                                                 is_causal=True, implementation=impl)
     out_BTNH = constrain(out_BTNH, ("batch", "act_length", "act_heads", None))

@@ -78,16 +78,12 @@ class StackedBlocks(nnx.Module):
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
                  positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
                  ) -> jax.Array:
-        axes = self.layer_axes()
-        dt = jnp.dtype(cfg.dtype)
-        gathered = lambda a: tuple(None if n == "embed" else n for n in a)
+        axes, dt = self.layer_axes(), jnp.dtype(cfg.dtype)
 
         def body(p, x_BTD, positions_BT, segment_ids_BT):
-            # Cast each weight matrix to the compute dtype while it is still sharded, so
-            # FSDP gathers it in bf16 and reduce-scatters its gradient (not an all-reduce
-            # of the full gradient).
-            p = {k: constrain(constrain(v.astype(dt), axes[k]), gathered(axes[k]))
-                 if v.ndim >= 2 else v for k, v in p.items()}
+            # weight matrices in the compute dtype, gathered; norm scales stay fp32
+            p = {k: layers.for_compute(v, axes[k], dt, constrain) if v.ndim >= 2 else v
+                 for k, v in p.items()}
             return layers.block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT)
 
         if cfg.remat != "none":
