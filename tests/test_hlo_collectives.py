@@ -107,3 +107,19 @@ def test_async_collective_chain_counts_once():
     rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
     # two distinct all-gathers (channels 7 and 8), 4 x 8 bf16 = 64 B each, 4 trips
     assert rows == {("all-gather", "fsdp"): (2 * 4 * 64, 2 * 4)}
+
+
+def test_multiline_instruction_does_not_end_its_computation():
+    """A Pallas/Mosaic kernel's backend_config spans lines, some starting with "}}"; the
+    collectives after it in the same loop body still count with the loop's trip count."""
+    hlo = HLO.replace(
+        "  %w = (s32[], f32[8]) while(%p), condition=%cond.1, body=%inner_body\n",
+        '  %k = f32[8]{0} custom-call(%x), custom_call_target="tpu_custom_call", '
+        'backend_config={"custom_call_config": {"body": "x",\n'
+        '"metadata":"{\\"block_q\\": 512\n'
+        '}}, metadata={op_name="splash"}\n'
+        "  %w = (s32[], f32[8]) while(%p), condition=%cond.1, body=%inner_body\n")
+    items, unknown = collectives(hlo, MESH)
+    rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
+    assert rows[("collective-permute", "fsdp")] == (15 * 32, 15)
+    assert unknown == 0

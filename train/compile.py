@@ -62,6 +62,7 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
                          abstract, shardings)
     t0 = time.perf_counter()
     lowered = jit_train_step(shardings, {k: batch_sharding for k in batch}).lower(state, batch)
+    lower_seconds = time.perf_counter() - t0
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
@@ -93,7 +94,7 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
         "target": target, "devices": mesh.size, "mesh": mesh_shape,
         "rules": cfg.sharding.rules if isinstance(cfg.sharding.rules, str) else "custom",
         "params": n_params, "tokens_per_step": t.batch_size * t.seq_len,
-        "compile_s": seconds,
+        "compile_s": seconds, "lower_s": lower_seconds,
         "memory_per_chip": {"arguments": args, "outputs": outs - alias, "temporaries": temp,
                             "total": total},
         "hbm_per_chip": hbm_bytes, "fits": None if hbm_bytes is None else total <= hbm_bytes,
@@ -116,7 +117,8 @@ def render(r: dict) -> str:
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [f"target {r['target']}: {r['devices']} devices, mesh {mesh}, rules {r['rules']}",
              f"model {r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step']:,} tokens "
-             f"per step; compiled in {r['compile_s']:.1f} s",
+             f"per step; compiled in {r['compile_s']:.1f} s "
+             f"(tracing and lowering {r['lower_s']:.1f} s)",
              f"memory per chip: arguments {size(m['arguments'])} + outputs {size(m['outputs'])}"
              f" + temporaries {size(m['temporaries'])} = {size(m['total'])}"]
     if r["hbm_per_chip"]:

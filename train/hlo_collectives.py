@@ -58,7 +58,7 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
                 comps[current] = []
                 if m.group(1):
                     entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # not "}}, ...": a kernel's multi-line backend_config
             current = None
         else:
             comps[current].append(line)

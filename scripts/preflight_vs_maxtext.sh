@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Side by side: MaxText's and our ahead-of-time compile of the same train step, in one
+# environment (same jax, same libtpu), alternating the two tools so both see the same
+# machine. Prints one line per run: tool, case, compile s, memory GiB, collectives GiB.
+#
+#   python3.12 -m venv /tmp/vmax && /tmp/vmax/bin/pip install "maxtext[tpu]==0.2.5"
+#   /tmp/vmax/bin/pip install --no-deps -e .        # ours, into the same environment
+#   PY=/tmp/vmax/bin/python bash scripts/preflight_vs_maxtext.sh [repeats]
+#
+# TPU_LIBRARY_PATH=/path/to/libtpu.so selects another libtpu for both tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-python}"
+REPEATS="${1:-1}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ours() {  # case topology config batch
+    "$PY" -m train.compile --config "configs/$3" --topology "$2" mesh.data=1 mesh.fsdp=-1 \
+        mesh.model=1 sharding.rules=fsdp "train.batch_size=$4" train.seq_len=2048 \
+        data.source=synthetic --json /tmp/preflight-ours.json >/dev/null 2>&1
+    "$PY" - "$1" <<'PY'
+import json, sys
+r = json.load(open("/tmp/preflight-ours.json"))
+gib = 1024 ** 3
+print(f"shardlm  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory "
+      f"{r['memory_per_chip']['total'] / gib:6.2f} GiB  collectives {r['collective_bytes_per_chip'] / gib:6.2f} GiB")
+PY
+}
+maxtext() {  # case topology model per-device-batch [extra]
+    "$PY" scripts/maxtext_preflight.py "compile_topology=$2" compile_topology_num_slices=1 \
+        "model_name=$3" "per_device_batch_size=$4" max_target_length=2048 \
+        remat_policy=full dataset_type=synthetic "${@:5}" 2>/dev/null |
+    sed -n 's/^MAXTEXT //p' | "$PY" -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+print(f\"maxtext  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory \"
+      f\"{r['total_gib']:6.2f} GiB  collectives {r['collectives_gib']:6.2f} GiB\")" "$1"
+}
+for _ in $(seq "$REPEATS"); do
+    maxtext 7b/v5p-64 v5p-64 llama2-7b 4 attention=dot_product
+    ours 7b/v5p-64 v5p-64 llama2-7b.yaml 128
+    maxtext 8b/v5e-256 v5e-256 llama3.1-8b 2
+    ours 8b/v5e-256 v5e-256 llama-8b.yaml 512
+done
