@@ -31,9 +31,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
-    # auto: cuDNN on GPUs (bf16/fp16), blocked elsewhere. blocked: exact attention a block
-    # of `attention_block` queries at a time (scores held: B x N x block x T, not x T).
-    attention: Literal["auto", "xla", "cudnn", "blocked"] = "auto"
+    # auto: cuDNN on GPUs (bf16/fp16), splash on TPUs, blocked elsewhere. blocked: exact
+    # attention a block of `attention_block` queries at a time (scores held: B x N x block
+    # x T, not x T). splash: the Pallas TPU kernel (interpreted, slowly, off TPUs).
+    attention: Literal["auto", "xla", "cudnn", "blocked", "splash"] = "auto"
     attention_block: int = 128
     # The training loss computes the logits this many vocabulary slices at a time (the
     # largest divisor of vocab_size up to this), so B x T x V fp32 logits never exist at

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from models.attention import blocked_attention
+from models.attention import blocked_attention, splash_attention, splash_fits
 from models.config import ModelConfig
 
 Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
@@ -56,14 +56,24 @@ def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Cons
     return constrain(w, tuple(None if a == "embed" else a for a in axes))
 
 
-def attention_impl(cfg: ModelConfig) -> str:
-    """`auto` is cuDNN's fused kernel on GPUs (half precision only), blocked attention
-    (models/attention.py) elsewhere."""
+def attention_impl(cfg: ModelConfig, platform: str, length: int) -> str:
+    """`auto` is cuDNN's fused kernel on GPUs (half precision only), the Pallas splash
+    kernel on TPUs (sequences a multiple of 128), blocked attention (models/attention.py)
+    elsewhere."""
     if cfg.attention != "auto":
         return cfg.attention
-    on_gpu = jax.default_backend() == "gpu"
-    half = cfg.dtype in ("bfloat16", "float16")
-    return "cudnn" if on_gpu and half and cfg.head_size % 8 == 0 else "blocked"
+    if platform == "gpu":
+        half = cfg.dtype in ("bfloat16", "float16")
+        return "cudnn" if half and cfg.head_size % 8 == 0 else "blocked"
+    return "splash" if platform == "tpu" and splash_fits(length) else "blocked"
+
+
+def per_shard(constrain: Constrain, fn: Callable, args: Sequence[jax.Array],
+              logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
+    """fn on each device's shard (the caller's mesh; see ActivationSharding.per_shard), or
+    on the whole arrays when there is no mesh."""
+    local = getattr(constrain, "per_shard", None)
+    return fn(*args) if local is None else local(fn, args, logical_axes)
 
 
 def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
@@ -85,10 +95,17 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     q_BTNH = constrain(q_BTNH, ("batch", "act_length", "act_heads", None))
     k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
     v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
-    impl = attention_impl(cfg)
+    platform = getattr(constrain, "platform", jax.default_backend())
+    impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":
         impl = "blocked"  # the cuDNN path is not verified with masks here
-    if impl == "blocked":
+    if impl == "splash":  # a kernel per device: batch and heads split, whole sequences
+        args = [q_BTNH, k_BTKH, v_BTKH] + ([] if segment_ids_BT is None else [segment_ids_BT])
+        axes = [("batch", None, "act_heads", None)] + [("batch", None, "act_kv_heads", None)] * 2
+        interpret = platform != "tpu"  # the kernel's Python on other backends (tests)
+        out_BTNH = per_shard(constrain, lambda q, k, v, *s: splash_attention(
+            q, k, v, s[0] if s else None, interpret), args, axes + [("batch", None)])
+    elif impl == "blocked":
         out_BTNH = blocked_attention(q_BTNH, k_BTKH, v_BTKH, cfg.attention_block,
                                      segment_ids_BT)
     else:

@@ -102,3 +102,18 @@ class ActivationSharding:
                                "activation")
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+    @property
+    def platform(self) -> str:
+        """The mesh's device platform ("tpu" also for a TPU topology compiled from a CPU)."""
+        return self.mesh.devices.flat[0].platform
+
+    def per_shard(self, fn: Callable, args: Sequence[jax.Array],
+                  logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
+        """fn on each device's shard of `args` (laid out by their logical axes; shard_map),
+        for kernels the partitioner cannot split itself. The result is laid out as args[0]."""
+        rules = dict(self.rules_items)
+        specs = tuple(logical_to_spec(a, x.shape, rules, self.mesh, "per-shard input")
+                      for a, x in zip(logical_axes, args))
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=specs[0],
+                             check_vma=False)(*args)
+
