@@ -1,17 +1,37 @@
 """`python -m train` end to end, as a user runs it, in a subprocess."""
 
 import json
+import struct
 
 import pytest
 
 from conftest import run_cli
 
 
+def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read from TFRecord event files with the Event proto (not
+    through the writer's own code)."""
+    from tensorboardX.proto import event_pb2
+    out: dict[str, dict[int, float]] = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
 def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):
+    """Also: TensorBoard scalars equal metrics.jsonl, and profile.* leaves a trace."""
     out = tmp_path / "run"
     proc = run_cli("--config", "configs/tiny.yaml", f"output_dir={out}", "train.steps=40",
                    "train.log_every=10", "train.seq_len=64", "mesh.data=2", "mesh.fsdp=2",
-                   "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null")
+                   "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null",
+                   "profile.start_step=21", "profile.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unigram entropy" in proc.stdout and "data=2, fsdp=2, model=2" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -21,6 +41,14 @@ def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):
         assert row["tokens_per_sec"] > 0
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     assert (out / "config.yaml").exists()
+    board = tensorboard_scalars(out / "tensorboard")
+    for key in ("loss", "grad_norm", "lr", "tokens_per_sec"):
+        assert sorted(board[key]) == [10, 20, 30, 40]
+        for r in rows:
+            assert board[key][r["step"]] == pytest.approx(r[key], rel=1e-6)
+    traces = list((out / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert "profile: steps 21-22 traced" in proc.stdout
 
 
 def test_no_config_means_default_yaml(tmp_path):

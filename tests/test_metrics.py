@@ -39,3 +39,13 @@ def test_metrics_log_rows(tmp_path):
     assert abs(row["mfu"] - row["tokens_per_sec"] * 10 / 2 / 1e3) < 1e-9
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 5
+
+
+def test_gpu_flags_added_without_overriding_the_users():
+    from train.xla_flags import with_gpu_flags
+    assert with_gpu_flags("") == "--xla_gpu_enable_latency_hiding_scheduler=true"
+    mine = "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/x"
+    assert with_gpu_flags(mine) == mine  # the user's value wins
+    assert with_gpu_flags("--xla_force_host_platform_device_count=8") == (
+        "--xla_force_host_platform_device_count=8 "
+        "--xla_gpu_enable_latency_hiding_scheduler=true")

@@ -167,6 +167,9 @@ PRESET_PARAMS = {
     "llama-1b.yaml": 1_235_814_400,
     "llama2-7b.yaml": 6_738_415_616,
     "llama-8b.yaml": 8_030_261_248,
+    # by hand: per layer 12 d^2 + 13 d (GPT-2 block with biases and LayerNorms), tied
+    # embedding V d, final LayerNorm 2 d
+    "gpt2-1.3b.yaml": 24 * (12 * 2048 ** 2 + 13 * 2048) + 50304 * 2048 + 2 * 2048,
 }
 
 

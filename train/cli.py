@@ -30,8 +30,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run_errors() -> tuple[type[BaseException], ...]:
     """Failures of a run that are not config mistakes: exit code 1, one line."""
-    from train.checkpoint import CheckpointError
-    from train.loop import TrainingStopped
+    try:
+        from train.checkpoint import CheckpointError
+        from train.loop import TrainingStopped
+    except ImportError:  # a tool run without the data/checkpoint extras (scripts/bench.py)
+        return ()
     return (CheckpointError, TrainingStopped)
 
 

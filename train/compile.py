@@ -43,7 +43,7 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
 
     import sharding
     from train.hlo_collectives import collectives, summarize
-    from train.loop import check_batch_fits
+    from train.state import check_batch_fits
     from train.metrics import flops_per_token
     from train.state import plan_state
     from train.step import jit_train_step

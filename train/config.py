@@ -133,6 +133,15 @@ class DistributedConfig:
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     peak_tflops: Optional[float] = None  # per device; None: looked up from the device kind
+    tensorboard: bool = True  # event files in <output_dir>/tensorboard beside metrics.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    # A jax.profiler trace of `steps` steps from step `start_step` (null: no trace), in
+    # <output_dir>/tensorboard/plugins/profile (TensorBoard's profile tab, xprof).
+    start_step: Optional[int] = None
+    steps: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     @property
     def run_dir(self) -> str:
@@ -361,6 +371,10 @@ def validate(cfg: Config) -> None:
             and cfg.model.vocab_size is not None and cfg.model.vocab_size < 256):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the "
                           "byte-level stdlib corpus: it needs at least 256")
+    prof = cfg.profile
+    if prof.start_step is not None and (prof.start_step < 1 or prof.steps < 1):
+        raise ConfigError(f"profile.start_step={prof.start_step}, profile.steps={prof.steps}: "
+                          "both must be at least 1 (profile.start_step=null: no trace)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     d = cfg.data

@@ -19,8 +19,10 @@ from sharding import distributed
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, ConfigError, to_dict
 from train.data import make_batches, resolve_data, tokens_per_step
-from train.metrics import MetricsLog, flops_per_token, format_row, peak_flops_per_device
-from train.state import plan_state
+from train.metrics import (MetricsLog, TensorBoard, flops_per_token, format_row,
+                           peak_flops_per_device)
+from train.profiler import StepProfiler
+from train.state import check_batch_fits, plan_state
 from train.evaluate import Evaluator
 from train.step import jit_train_step
 
@@ -65,17 +67,6 @@ class Preempted(SystemExit):
 
     def __init__(self):
         super().__init__(143)
-
-
-def check_batch_fits(cfg: Config, mesh) -> None:
-    """The per-microbatch batch must split evenly over the batch mesh axes."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.microbatches
-    if micro % ways:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} / train.microbatches="
-            f"{cfg.train.microbatches} = {micro} sequences per microbatch do not divide by "
-            f"mesh data x fsdp = {ways}; change the batch size or the mesh")
 
 
 def check_writable(path: str) -> None:
@@ -191,6 +182,16 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
                                                           cfg.metrics.peak_tflops),
                          write=is_main, start_step=start)
 
+    board = TensorBoard(f"{out_dir.rstrip('/')}/tensorboard", cfg.metrics.tensorboard and is_main,
+                        log.warning)
+    profiler = StepProfiler(cfg.profile.start_step, cfg.profile.steps,
+                            f"{out_dir.rstrip('/')}/tensorboard", log)
+
+    def flush() -> list[dict]:
+        new_rows = metrics.flush()
+        board.write(new_rows)
+        return new_rows
+
     def save(step: int) -> None:
         meta = {"step": step, "data": batches.position(step)}
         ckpts.save(step, state, meta, config_dict)
@@ -205,10 +206,12 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
     previous = None  # (step, metrics) of the step before the one just dispatched
     every = cfg.checkpoint.every_steps
     for step in range(start + 1, steps + 1):
+        profiler.before(step)
         state, step_metrics = step_fn(state, batches.batch(step - 1))
+        profiler.after(step, state)
         if previous is not None:
             check_finite(cfg, *previous, ckpts)
-        for row in metrics.flush():
+        for row in flush():
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
             if is_main and not bar.disable:
@@ -225,15 +228,19 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
             check_finite(cfg, step, step_metrics, ckpts)  # never save past a bad step
             save(step)
         if stop:
+            profiler.stop(state)
             ckpts.wait()
-            rows.extend(metrics.flush())
+            rows.extend(flush())
+            board.close()
             bar.close()
             log.info("preempted (SIGTERM): saved step %d to %s; rerun the same command to "
                      "resume", step, ckpts.directory)
             ckpts.close()
             raise Preempted()
+    profiler.stop(state)
     check_finite(cfg, *previous, ckpts)
-    rows.extend(metrics.flush())
+    rows.extend(flush())
+    board.close()
     bar.close()
     ckpts.wait()
     ckpts.close()

@@ -118,3 +118,38 @@ def format_row(row: dict) -> str:
             f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}"
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
                if "eval_loss" in row else ""))
+
+
+class TensorBoard:
+    """Scalars of the logged rows as TensorBoard event files (tensorboardX), beside
+    metrics.jsonl. Process 0 only; a local run directory only (tensorboardX cannot write
+    gs:// without TensorFlow); without tensorboardX installed, one warning and no files."""
+
+    def __init__(self, log_dir: str, enabled: bool, warn):
+        self.writer = None
+        if not enabled:
+            return
+        if "://" in log_dir:
+            warn("TensorBoard events are written for local output directories only; "
+                 "metrics.jsonl has every value")
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            warn("tensorboardX is not installed: no TensorBoard events "
+                 "(pip install tensorboardX); metrics.jsonl has every value")
+            return
+        self.writer = SummaryWriter(log_dir, flush_secs=30)
+
+    def write(self, rows: list[dict]) -> None:
+        if self.writer is None:
+            return
+        for row in rows:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

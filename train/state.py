@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import sharding
 from models import Transformer
-from train.config import Config
+from train.config import Config, ConfigError
 from train.optimizer import make_optimizer
 
 
@@ -94,3 +94,14 @@ def build_state(cfg: Config, mesh: Mesh, rules=None) -> tuple[TrainState, Any]:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_fits(cfg: Config, mesh) -> None:
+    """The per-microbatch batch must split evenly over the batch mesh axes."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % ways:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.microbatches="
+            f"{cfg.train.microbatches} = {micro} sequences per microbatch do not divide by "
+            f"mesh data x fsdp = {ways}; change the batch size or the mesh")

@@ -1,0 +1,97 @@
+"""Start-up and CPU throughput of `python -m train` beside MaxText's trainer, same tiny
+Llama, same machine, 8 fake CPU devices (issue 6). Each tool is started as a user starts
+it; the clock runs from the command's start to its first completed step, then the
+steady step time is the median over steps 10 and later.
+
+    python3.12 -m venv /tmp/vmax && /tmp/vmax/bin/pip install "maxtext[tpu]==0.2.5"
+    python scripts/startup_vs_maxtext.py --maxtext-python /tmp/vmax/bin/python [--repeats 2]
+
+Ours runs twice per repeat: with an empty compilation cache, then again with the cache
+the first run filled (a second start of the same config). MaxText runs with its
+defaults (its own cache in ~/jax_cache is cleared before each run, so it compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+MAXTEXT_ARGS = [
+    "hardware=cpu", "skip_jax_distributed_system=true", "dataset_type=synthetic",
+    "enable_checkpointing=false", f"steps={STEPS}", "base_num_decoder_layers=4",
+    "base_emb_dim=256", "base_num_query_heads=4", "base_num_kv_heads=4", "head_dim=64",
+    "base_mlp_dim=1024", "vocab_size=512", "max_target_length=256",
+    "per_device_batch_size=1", "ici_fsdp_parallelism=-1", "remat_policy=full",
+    "scan_layers=true", "dtype=bfloat16", "attention=dot_product",
+    "run_name=startup-bench", "enable_tensorboard=false"]
+
+
+def timed(cmd: list[str], env: dict, first_step: re.Pattern, step_time: re.Pattern,
+          cwd: str) -> tuple[float, list[float], str]:
+    """(seconds to the first completed step, per-step seconds from the log, output)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first, times, lines = None, [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if first is None and first_step.search(line):
+            first = time.perf_counter() - t0
+        m = step_time.search(line)
+        if m:
+            times.append(float(m.group(1)))
+    proc.wait()
+    if proc.returncode or first is None:
+        raise RuntimeError(f"{cmd[:4]} failed (rc {proc.returncode}):\n{''.join(lines[-30:])}")
+    return first, times, "".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--maxtext-python", required=True)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    base_yml = subprocess.run(
+        [args.maxtext_python, "-c", "import maxtext, os; print(os.path.join(os.path.dirname("
+         "maxtext.__file__), 'configs', 'base.yml'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    results = []
+    for _ in range(args.repeats):
+        out = tempfile.mkdtemp()
+        shutil.rmtree(os.path.expanduser("~/jax_cache"), ignore_errors=True)
+        first, times, _ = timed(
+            [args.maxtext_python, "-m", "maxtext.trainers.pre_train.train", base_yml,
+             f"base_output_directory={out}/maxtext"] + MAXTEXT_ARGS, env,
+            re.compile(r"completed step: 0\b"), re.compile(r"completed step: \d+, seconds: ([\d.]+)"),
+            REPO)
+        results.append(("maxtext", first, times))
+        cache = f"{out}/cache"
+        for label in ("shardlm (empty cache)", "shardlm (second start)"):
+            run_dir = f"{out}/ours-{len(results)}"
+            first, _, _ = timed(
+                [sys.executable, "-m", "train", "--config", "configs/llama-tiny-bench.yaml",
+                 f"output_dir={run_dir}", f"compile_cache_dir={cache}"], env,
+                re.compile(r"\bstep\s+1 \|"), re.compile(r"$^"), REPO)
+            rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+            results.append((label, first, [r["step_time_s"] for r in rows]))
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"{'tool':24s} {'to first step s':>16s} {'steady s/step':>14s} {'tokens/s':>9s}")
+    for label, first, times in results:
+        steady = statistics.median(times[9:])
+        print(f"{label:24s} {first:16.1f} {steady:14.3f} {8 * 256 / steady:9,.0f}")
+
+
+if __name__ == "__main__":
+    main()
