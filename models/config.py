@@ -35,7 +35,7 @@ class ModelConfig:
     # attention a block of `attention_block` queries at a time (scores held: B x N x block
     # x T, not x T). splash: the Pallas TPU kernel (interpreted, slowly, off TPUs).
     attention: Literal["auto", "xla", "cudnn", "blocked", "splash"] = "auto"
-    attention_block: int = 128
+    attention_block: int = 512
     # The training loss computes the logits this many vocabulary slices at a time (the
     # largest divisor of vocab_size up to this), so B x T x V fp32 logits never exist at
     # once; 1: all at once.

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from models.attention import dot_f32
 from models.layers import Constrain, for_compute
 
 HEAD_AXES = ("embed", "vocab")  # the (D, V) head weight, tied or not
@@ -52,8 +53,7 @@ def logsumexp_and_target(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Arra
         max_BT, sumexp_BT, target_BT = carry
         w_DC, ids_C = xs
         w_DC = checkpoint_name(for_compute(w_DC, HEAD_AXES, dtype, constrain), "head_weight")
-        logits_BTC = jnp.einsum("btd,dc->btc", x32_BTD.astype(dtype), w_DC,
-                                preferred_element_type=jnp.float32)
+        logits_BTC = dot_f32("btd,dc->btc", x32_BTD.astype(dtype), w_DC)
         logits_BTC = constrain(logits_BTC, ("batch", "act_length", "act_vocab"))
         # running logsumexp; the max only keeps exp() in range (its gradient cancels)
         new_max_BT = jax.lax.stop_gradient(jnp.maximum(max_BT, logits_BTC.max(axis=-1)))

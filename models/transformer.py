@@ -45,23 +45,23 @@ class StackedBlocks(nnx.Module):
         out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
         gpt2 = cfg.style == "gpt2"
         p = functools.partial(_param, dtype=pd)
-        self.attn_norm_scale = p(None, (L, D), ("layers", "embed"), 1.0)
-        self.mlp_norm_scale = p(None, (L, D), ("layers", "embed"), 1.0)
+        self.attn_norm_scale = p(None, (L, D), ("layers", "vector"), 1.0)
+        self.mlp_norm_scale = p(None, (L, D), ("layers", "vector"), 1.0)
         self.wq = p(rngs.params(), (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std)
         self.wk = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wv = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wo = p(rngs.params(), (L, N, H, D), ("layers", "heads", "head_dim", "embed"), out_std)
         self.w_out = p(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), out_std)
         if gpt2:
-            self.attn_norm_bias = p(None, (L, D), ("layers", "embed"), 0.0)
-            self.mlp_norm_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.attn_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
+            self.mlp_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
             self.q_bias = p(None, (L, N, H), ("layers", "heads", "head_dim"), 0.0)
             self.k_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
             self.v_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
-            self.o_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.o_bias = p(None, (L, D), ("layers", "vector"), 0.0)
             self.w_in = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
             self.in_bias = p(None, (L, F), ("layers", "mlp"), 0.0)
-            self.out_bias = p(None, (L, D), ("layers", "embed"), 0.0)
+            self.out_bias = p(None, (L, D), ("layers", "vector"), 0.0)
         else:
             self.w_gate = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
             self.w_up = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
@@ -120,9 +120,9 @@ class Transformer(nnx.Module):
             self.pos_embedding = _param(rngs.params(), (cfg.max_seq_len, D), ("length", "embed"),
                                         std / 2, pd)
         self.blocks = StackedBlocks(cfg, rngs)
-        self.final_norm_scale = _param(None, (D,), ("embed",), 1.0, pd)
+        self.final_norm_scale = _param(None, (D,), ("vector",), 1.0, pd)
         if cfg.style == "gpt2":
-            self.final_norm_bias = _param(None, (D,), ("embed",), 0.0, pd)
+            self.final_norm_bias = _param(None, (D,), ("vector",), 0.0, pd)
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
 

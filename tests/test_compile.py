@@ -75,6 +75,27 @@ def test_fsdp_report_matches_parameter_math(tmp_path, remat, gathers):
     assert reduced == pytest.approx(p, rel=0.1)
 
 
+def test_fsdp_tp_report_matches_parameter_and_activation_math(tmp_path):
+    """FSDP 4 x TP 2, no remat, fp32: over fsdp each chip gathers and reduces only its
+    tensor-parallel half of the weights (P / 2 each way); over model the activations
+    (b x T x D fp32, b = B / fsdp) are all-reduced after each row-parallel matmul in the
+    forward (attention output, MLP output: 2 per layer) and for the input gradient of
+    each column-parallel matmul in the backward (q, k, v, gate, up: 5 per layer; XLA
+    reduces each partial gradient before adding them), plus the head's input gradient.
+    Nothing else of that size: no accidental resharding."""
+    r, _ = report(tmp_path, "mesh.data=1", "mesh.fsdp=4", "mesh.model=2",
+                  "sharding.rules=fsdp_tp", "model.remat=none")
+    p = param_bytes(r)
+    assert total(r, "all-gather", "fsdp") == pytest.approx(p / 2, rel=0.1)
+    assert total(r, "all-reduce", "fsdp") + 4 * total(r, "reduce-scatter", "fsdp") == \
+        pytest.approx(p / 2, rel=0.1)
+    layers, d, batch, length = 4, 128, 16, 128  # configs/tiny.yaml
+    activation = (batch // 4) * length * d * 4
+    assert total(r, "all-reduce", "model") == pytest.approx(
+        (7 * layers + 1) * activation, rel=0.05)
+    assert total(r, "all-gather", "model") <= activation  # the embedding lookup's rows
+
+
 def test_data_parallel_report_is_one_gradient_all_reduce(tmp_path):
     r, _ = report(tmp_path, "mesh.data=8", "mesh.fsdp=1", "sharding.rules=dp")
     assert total(r, "all-reduce", "data") == pytest.approx(param_bytes(r), rel=0.1)

@@ -60,3 +60,40 @@ def test_chunked_loss_and_grads_equal_full_logits(chunks, tie):
         ref = flat_full[path].get_value()
         np.testing.assert_allclose(g.get_value(), ref, rtol=1e-5,
                                    atol=1e-6 * float(np.abs(ref).max()), err_msg=str(path))
+
+
+def test_dot_f32_backward_runs_in_the_input_dtype():
+    """fp32 inputs: the plain einsum's gradients exactly. bf16 inputs: fp32 result, the
+    backward matmuls take bf16 operands (no fp32 dot in the program) and their result
+    is the reference gradient within bf16 rounding."""
+    from models.attention import dot_f32
+    ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+    a = jax.random.normal(ka, (2, 8, 16))
+    b = jax.random.normal(kb, (16, 32))
+    probe = jax.random.normal(kg, (2, 8, 32))
+    spec = "btd,dc->btc"
+
+    def loss(fn):
+        return lambda a, b: jnp.sum(fn(a, b) * probe)
+
+    def ours(a, b):
+        return dot_f32(spec, a, b)
+
+    def plain(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    for g, ref in zip(jax.grad(loss(ours), (0, 1))(a, b), jax.grad(loss(plain), (0, 1))(a, b)):
+        np.testing.assert_array_equal(g, ref)
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    assert ours(a16, b16).dtype == jnp.float32
+    grads = jax.grad(loss(ours), (0, 1))(a16, b16)
+    refs = jax.grad(loss(plain), (0, 1))(a16.astype(jnp.float32), b16.astype(jnp.float32))
+    for g, ref in zip(grads, refs):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), ref, rtol=0.05, atol=0.05)
+    hlo = jax.jit(jax.grad(loss(ours), (0, 1))).lower(a16, b16).as_text()
+    operands = [line.split(": (")[1].split(") ->")[0]
+                for line in hlo.splitlines() if "dot_general" in line]
+    assert len(operands) == 2  # da and db (the loss is linear: no forward dot needed)
+    for types in operands:
+        assert types.count("bf16>") == 2 and "f32>" not in types.replace("bf16>", ""), types

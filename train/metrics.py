@@ -148,7 +148,7 @@ class TensorBoard:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, row["step"])
-        self.writer.flush()
+        # no flush here: the writer's thread flushes every 30 s and at close()
 
     def close(self) -> None:
         if self.writer is not None:
