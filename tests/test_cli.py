@@ -68,8 +68,8 @@ def test_no_config_means_default_yaml(tmp_path):
                                      "but 8 exist; change the sizes or set one axis to -1"),
     (["mesh.data=1", "mesh.fsdp=8", "model.style=gpt2", "model.d_model=100",
       "model.num_heads=4", "model.num_kv_heads=null"],
-     "error: params/blocks/attn_norm_bias (shape (4, 100), logical axes ('layers', 'embed'), mesh data=1, "
-     "fsdp=8, model=1 (8 devices)): dimension 'embed'=100 does not divide by fsdp=8"),
+     "error: params/blocks/w_in (shape (4, 100, 512), logical axes ('layers', 'embed', 'mlp'), mesh "
+     "data=1, fsdp=8, model=1 (8 devices)): dimension 'embed'=100 does not divide by fsdp=8"),
     (["train.batch_size=12"], "error: train.batch_size=12 / train.microbatches=1 = 12 "
                               "sequences per microbatch do not divide by mesh data x fsdp = 8"),
 ])

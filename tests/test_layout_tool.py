@@ -18,7 +18,9 @@ def test_llama8b_layout_on_64_fake_devices():
     assert lines[0].startswith("mesh data=1, fsdp=8, model=8 (64 devices)")
     wq = next(line for line in lines if line.startswith("blocks/wq "))
     assert "P(None, 'fsdp', 'model', None)" in wq
-    # fp32 parameters + two fp32 Adam moments, split evenly over 64 devices.
-    expected_gib = 8_030_261_248 * 4 * 3 / 64 / 2**30
+    # fp32 parameters + two fp32 Adam moments, split evenly over 64 devices, except the
+    # 65 replicated norm scales of 4096 ("vector" axis: every device holds them whole).
+    vectors = (2 * 32 + 1) * 4096
+    expected_gib = ((8_030_261_248 - vectors) * 4 * 3 / 64 + vectors * 4 * 3) / 2**30
     reported = float(lines[-1].split(":")[1].split()[0])
     assert abs(reported - expected_gib) < 0.001
