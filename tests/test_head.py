@@ -63,7 +63,7 @@ def test_chunked_loss_and_grads_equal_full_logits(chunks, tie):
 
 
 def test_dot_f32_backward_runs_in_the_input_dtype():
-    """fp32 inputs: the plain einsum's gradients exactly. bf16 inputs: fp32 result, the
+    """fp32 inputs: the plain einsum's gradients (to fp32 rounding). bf16 inputs: fp32 result, the
     backward matmuls take bf16 operands (no fp32 dot in the program) and their result
     is the reference gradient within bf16 rounding."""
     from models.attention import dot_f32
@@ -83,7 +83,7 @@ def test_dot_f32_backward_runs_in_the_input_dtype():
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
     for g, ref in zip(jax.grad(loss(ours), (0, 1))(a, b), jax.grad(loss(plain), (0, 1))(a, b)):
-        np.testing.assert_array_equal(g, ref)
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)  # jax may reorder sums
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     assert ours(a16, b16).dtype == jnp.float32
     grads = jax.grad(loss(ours), (0, 1))(a16, b16)
