@@ -39,10 +39,12 @@ GIB = 1024 ** 3
 def synthetic_batch(cfg, sharding, seed: int) -> dict:
     import jax
     import numpy as np
+
+    from train.state import batch_shape
     t = cfg.train
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), np.int32)
-    shape = (t.microbatches, t.batch_size // t.microbatches, t.seq_len)
+    shape = batch_shape(cfg)
     return {"inputs": jax.device_put(rows[:, :-1].reshape(shape), sharding),
             "targets": jax.device_put(rows[:, 1:].reshape(shape), sharding)}
 
@@ -65,25 +67,22 @@ def peak_memory(compiled) -> tuple[float | None, str]:
 def measure(cfg, steps: int, warmup: int) -> dict:
     """Compile and time the train step of `cfg`; one dict of figures."""
     import jax
-    from jax.sharding import NamedSharding
-
+    
     import sharding
     from train.metrics import flops_per_token, peak_flops_per_device
-    from train.state import build_state, check_batch_fits
+    from train.state import batch_sharding, build_state, check_batch_fits
     from train.step import jit_train_step
 
     mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
     check_batch_fits(cfg, mesh)
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
     t = cfg.train
-    spec = sharding.logical_to_spec((None, "batch", None), (
-        t.microbatches, t.batch_size // t.microbatches, t.seq_len), rules, mesh, "batch")
-    batch_sharding = NamedSharding(mesh, spec)
+    batch_layout = batch_sharding(cfg, mesh, rules)
     state, shardings = build_state(cfg, mesh, rules)
-    batches = [synthetic_batch(cfg, batch_sharding, seed) for seed in (0, 1)]
+    batches = [synthetic_batch(cfg, batch_layout, seed) for seed in (0, 1)]
 
     t0 = time.perf_counter()
-    step = jit_train_step(shardings, {k: batch_sharding for k in batches[0]})
+    step = jit_train_step(shardings, {k: batch_layout for k in batches[0]})
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
 

@@ -39,11 +39,10 @@ def batch_keys(cfg) -> dict[str, str]:
 def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
                  hlo_path: str | None = None) -> dict:
     import jax
-    from jax.sharding import NamedSharding
-
+    
     import sharding
     from train.hlo_collectives import collectives, summarize
-    from train.state import check_batch_fits
+    from train.state import batch_shape, batch_sharding, check_batch_fits
     from train.metrics import flops_per_token
     from train.state import plan_state
     from train.step import jit_train_step
@@ -53,15 +52,13 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
     rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
     _, abstract, shardings = plan_state(cfg, mesh, rules)
     t = cfg.train
-    shape = (t.microbatches, t.batch_size // t.microbatches, t.seq_len)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
-        (None, "batch", None), shape, rules, mesh, "batch"))
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    shape, batch_layout = batch_shape(cfg), batch_sharding(cfg, mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_layout)
              for k, dtype in batch_keys(cfg).items()}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, shardings)
     t0 = time.perf_counter()
-    lowered = jit_train_step(shardings, {k: batch_sharding for k in batch}).lower(state, batch)
+    lowered = jit_train_step(shardings, {k: batch_layout for k in batch}).lower(state, batch)
     lower_seconds = time.perf_counter() - t0
     try:
         compiled = lowered.compile()

@@ -11,7 +11,6 @@ import time
 import jax
 import yaml
 from etils import epath
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 import sharding
@@ -22,7 +21,7 @@ from train.data import make_batches, resolve_data, tokens_per_step
 from train.metrics import (MetricsLog, TensorBoard, flops_per_token, format_row,
                            peak_flops_per_device)
 from train.profiler import StepProfiler
-from train.state import check_batch_fits, plan_state
+from train.state import batch_sharding, check_batch_fits, plan_state
 from train.evaluate import Evaluator
 from train.step import jit_train_step
 
@@ -143,19 +142,16 @@ def run(cfg: Config) -> list[dict]:
 
     # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
     # function of (data, seed, i), so a resumed run continues the same stream.
-    batch_spec = sharding.logical_to_spec((None, "batch", None), (
-        cfg.train.microbatches, cfg.train.batch_size // cfg.train.microbatches,
-        cfg.train.seq_len), rules, mesh, "batch")
-    batch_sharding = NamedSharding(mesh, batch_spec)
-    batches = make_batches(cfg, batch_sharding, data_path)
+    batch_layout = batch_sharding(cfg, mesh, rules)
+    batches = make_batches(cfg, batch_layout, data_path)
     batches.check_resume(data_position)
     try:
-        return train_loop(cfg, ckpts, batches, batch_sharding, state, state_shardings, start)
+        return train_loop(cfg, ckpts, batches, batch_layout, state, state_shardings, start)
     finally:
         batches.close()
 
 
-def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
+def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
                state_shardings, start: int) -> list[dict]:
     """Compile, then step from `start` to train.steps with metrics, evaluation and
     checkpoints."""
@@ -163,11 +159,11 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_sharding, state,
 
     # Step: jit with explicit in/out shardings, donated state; compiled up front.
     first = batches.batch(start)
-    step_fn = jit_train_step(state_shardings, {k: batch_sharding for k in first})
+    step_fn = jit_train_step(state_shardings, {k: batch_layout for k in first})
     t0 = time.perf_counter()
     step_fn = step_fn.lower(state, first).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
-    evaluate = Evaluator(cfg, batches, batch_sharding, state_shardings)
+    evaluate = Evaluator(cfg, batches, batch_layout, state_shardings)
 
     # Output: resolved config beside the metrics; metrics past `start` are dropped.
     config_dict = to_dict(cfg)

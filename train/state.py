@@ -96,6 +96,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shape(cfg: Config) -> tuple[int, int, int]:
+    """A global batch entry's shape: (microbatches, sequences per microbatch, length)."""
+    t = cfg.train
+    return (t.microbatches, t.batch_size // t.microbatches, t.seq_len)
+
+
+def batch_sharding(cfg: Config, mesh: Mesh, rules) -> NamedSharding:
+    """Every batch entry's layout: sequences over the batch mesh axes."""
+    return NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None),
+                                                        batch_shape(cfg), rules, mesh, "batch"))
+
+
 def check_batch_fits(cfg: Config, mesh) -> None:
     """The per-microbatch batch must split evenly over the batch mesh axes."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
