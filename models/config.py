@@ -26,6 +26,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama-3.1 frequency scaling of RoPE for long contexts ("llama3", as Hugging Face's
+    # rope_scaling {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}); "none": plain RoPE.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     init_std: float = 0.02
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -59,6 +67,10 @@ class ModelConfig:
                              f"model.num_kv_heads={self.kv_heads}")
         if self.style == "llama" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ValueError("model.rope_low_freq_factor must be positive and below "
+                             "model.rope_high_freq_factor")
         for key in ("vocab_size", "vocab_chunks", "attention_block", "num_layers", "d_model",
                     "num_heads", "mlp_dim", "max_seq_len"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:

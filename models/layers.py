@@ -34,10 +34,24 @@ def norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: fl
     return x.astype(x_BTD.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """RoPE's inverse frequencies (head_size / 2,) fp32: theta^(-2i/H), and with
+    rope_scaling="llama3" Llama-3.1's rescaling: wavelengths longer than
+    original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_len / high_freq_factor kept, those between interpolated linearly in
+    original_max_len / wavelength."""
+    half = cfg.head_size // 2
+    inv_freq_h = 1.0 / (cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if cfg.rope_scaling == "none":
+        return inv_freq_h
+    lo, hi, old = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    wavelen_h = 2 * jnp.pi / inv_freq_h
+    smooth_h = jnp.clip((old / wavelen_h - lo) / (hi - lo), 0.0, 1.0)  # 0: long, 1: short
+    return (1 - smooth_h) * inv_freq_h / cfg.rope_factor + smooth_h * inv_freq_h
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
     """Rotary embedding, half-split layout (as Hugging Face Llama)."""
-    half = x_BTNH.shape[-1] // 2
-    inv_freq_h = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
     cos = jnp.cos(angle_BTh)[:, :, None, :]
     sin = jnp.sin(angle_BTh)[:, :, None, :]
@@ -80,21 +94,38 @@ def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
     return p[name].astype(dtype) if name in p else 0.0
 
 
-def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
-              positions_BT: jax.Array, constrain: Constrain,
-              segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """Causal self-attention; with segment ids (packed documents), a token attends only
-    to earlier tokens of its own segment."""
+def qkv(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
+        positions_BT: jax.Array, constrain: Constrain
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries (B, T, N, H), keys and values (B, T, K, H); RoPE applied (Llama)."""
     dt = h_BTD.dtype
     q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt)) + _bias(p, "q_bias", dt)
     k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt)) + _bias(p, "k_bias", dt)
     v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"].astype(dt)) + _bias(p, "v_bias", dt)
     if cfg.style == "llama":
-        q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
-    q_BTNH = constrain(q_BTNH, ("batch", "act_length", "act_heads", None))
-    k_BTKH = constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None))
-    v_BTKH = constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None))
+        inv_freq_h = rope_frequencies(cfg)
+        q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
+        k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
+    return (constrain(q_BTNH, ("batch", "act_length", "act_heads", None)),
+            constrain(k_BTKH, ("batch", "act_length", "act_kv_heads", None)),
+            constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None)))
+
+
+def attention_out(p: Mapping[str, jax.Array], out_BTNH: jax.Array, constrain: Constrain
+                  ) -> jax.Array:
+    """The heads' outputs (B, T, N, H) projected back to (B, T, D)."""
+    dt = out_BTNH.dtype
+    out_BTNH = constrain(out_BTNH, ("batch", "act_length", "act_heads", None))
+    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
+    return out_BTD + _bias(p, "o_bias", dt)
+
+
+def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
+              positions_BT: jax.Array, constrain: Constrain,
+              segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention; with segment ids (packed documents), a token attends only
+    to earlier tokens of its own segment."""
+    q_BTNH, k_BTKH, v_BTKH = qkv(cfg, p, h_BTD, positions_BT, constrain)
     platform = getattr(constrain, "platform", jax.default_backend())
     impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":
@@ -113,9 +144,7 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
             segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
                                                 is_causal=True, implementation=impl)
-    out_BTNH = constrain(out_BTNH, ("batch", "act_length", "act_heads", None))
-    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
-    return out_BTD + _bias(p, "o_bias", dt)
+    return attention_out(p, out_BTNH, constrain)
 
 
 def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,

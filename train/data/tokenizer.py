@@ -61,6 +61,10 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """Prompts for generation get the tokenizer's own special tokens (Llama's BOS)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids))
 
@@ -83,6 +87,10 @@ class SentencePieceTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
+
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """Prompts for generation start with BOS when the model has one."""
+        return self.sp.encode(texts, add_bos=self.sp.bos_id() >= 0)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))

@@ -1,0 +1,42 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
+
+Shapes: B batch, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG = jnp.finfo(jnp.float32).min
+
+
+def allowed(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """(B, V) bool: the tokens sampling may pick. top_k > 0 keeps the k largest logits;
+    top_p < 1 keeps the smallest set of the most likely tokens whose probability adds
+    up to at least top_p (always at least the most likely one). Ties at a boundary are
+    kept."""
+    keep_BV = jnp.ones(logits_BV.shape, bool)
+    if top_k > 0 and top_k < logits_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        keep_BV = logits_BV >= kth_B1
+    if top_p < 1.0:
+        masked_BV = jnp.where(keep_BV, logits_BV, NEG)
+        sorted_BV = jnp.sort(masked_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the likelier tokens
+        count_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, count_B[:, None] - 1, axis=-1)
+        keep_BV = keep_BV & (logits_BV >= cutoff_B1)
+    return keep_BV
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    """The next token (B,) int32. temperature 0: the most likely token (greedy)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    keep_BV = allowed(logits_BV, top_k, top_p)
+    scaled_BV = jnp.where(keep_BV, logits_BV / temperature, -jnp.inf)
+    return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)

@@ -1,0 +1,139 @@
+"""A trained model for inference: its parameters, from a run's checkpoint or an export
+directory (`python -m train.export`, `python -m train.convert hf-to-ckpt`), laid out
+on the mesh the user chose; and the tokenizer it was trained with.
+
+The model config is the resolved config saved beside the parameters; `--config` and
+key=value overrides choose the mesh and rules (and may change model keys that do not
+change shapes, e.g. model.dtype=float32 or model.attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import jax
+from etils import epath
+from flax import nnx
+
+import sharding
+from train.checkpoint import CheckpointError, abstract_tree, find_checkpoint
+from train.config import Config, _merge, from_dict, parse_override, to_dict
+from train.state import plan_state
+
+PARAMS, CONFIG_JSON = "params", "config.json"
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: Config  # the saved config with the user's mesh, rules and model overrides
+    model: Any  # the Transformer (nnx), parameters sharded on `mesh`
+    mesh: jax.sharding.Mesh
+    rules: dict
+    where: str  # what was loaded, for messages
+    info: dict  # the export's extra metadata (e.g. "hf" for converted models)
+
+
+def is_export(path: str) -> bool:
+    p = epath.Path(path)
+    return (p / CONFIG_JSON).exists() and (p / PARAMS).exists()
+
+
+def saved_config(path: str) -> tuple[dict, dict, Any]:
+    """(raw saved config, metadata ({"step": N, ...}), the checkpoint directory or None
+    for an export) of `path`."""
+    if is_export(path):
+        info = json.loads((epath.Path(path) / CONFIG_JSON).read_text())
+        return info["config"], info, None
+    source, step = find_checkpoint(path)
+    import orbax.checkpoint as ocp
+    raw = source.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    return raw, {"step": step}, source
+
+
+def with_user_settings(saved: dict, user: Config, overrides: Sequence[str]) -> Config:
+    """The saved config with the user's mesh and rules, and their explicit overrides of
+    `model.*` (and `eval.*`/`data.*`/`train.batch_size`/`train.seq_len`: what a tool
+    reads besides the model) applied on top."""
+    raw = dict(saved)
+    raw["mesh"], raw["sharding"] = to_dict(user)["mesh"], to_dict(user)["sharding"]
+    raw["compile_cache_dir"] = user.compile_cache_dir
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key.split(".")[0] in ("model", "data", "eval") or key in (
+                "train.batch_size", "train.seq_len"):
+            raw = _merge(raw, parse_override(text))
+    return from_dict(raw)
+
+
+def load(path: str, user: Config, overrides: Sequence[str] = ()) -> Loaded:
+    """Parameters at `path` (run dir, checkpoints dir, step dir or export dir) on the
+    mesh of `user`. A checkpoint whose shapes differ from the model config is a
+    CheckpointError naming the first parameter that differs."""
+    if not epath.Path(path).exists():
+        raise CheckpointError(f"--checkpoint {path!r} does not exist")
+    raw, info, source = saved_config(path)
+    cfg = with_user_settings(raw, user, overrides)
+    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
+    rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
+    _, abstract, shardings = plan_state(cfg, mesh, rules)
+    target = abstract_tree(abstract, shardings)["params"]
+    if source is not None:
+        params = source.restore_params(info["step"], target)
+        where = f"{source.directory} step {info['step']}"
+    else:
+        params = restore_export(path, target)
+        where = path
+    return Loaded(cfg, nnx.merge(abstract.graphdef, params), mesh, rules, where, info)
+
+
+def restore_export(path: str, target: nnx.State) -> nnx.State:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(epath.Path(path) / PARAMS)
+        saved = getattr(saved, "item_metadata", saved)
+        saved = getattr(saved, "tree", saved)
+        check_shapes(saved, target, path)
+        return reader.restore(epath.Path(path) / PARAMS, target)
+
+
+def check_shapes(saved: Any, target: nnx.State, where: str) -> None:
+    """CheckpointError naming the first parameter missing from `saved` or of another shape."""
+    for key_path, var in nnx.to_flat_state(target):
+        node = saved
+        for key in key_path:
+            node = node.get(key) if isinstance(node, dict) else None
+        node = node.get("value") if isinstance(node, dict) else node
+        name, want = "/".join(map(str, key_path)), tuple(var.get_value().shape)
+        if node is None:
+            raise CheckpointError(f"{where} does not match the model: it has no parameter "
+                                  f"{name} (model shape {want})")
+        if tuple(node.shape) != want:
+            raise CheckpointError(f"{where} does not match the model: {name} has shape "
+                                  f"{tuple(node.shape)} there and {want} in the model")
+
+
+def find_tokenizer(path: str, cfg: Config, explicit: str | None = None):
+    """The tokenizer for `path`: `explicit` (--tokenizer), else a tokenizer file in an
+    export directory, else the one the run was trained with (data.tokenizer, or the
+    copy in its prepared data directory)."""
+    from train.data.tokenizer import load_tokenizer
+    from train.data.sources import DataError
+    if explicit:
+        return load_tokenizer(explicit, cfg.data.eos_token)
+    candidates = []
+    if is_export(path):
+        candidates += [str(epath.Path(path) / n) for n in ("tokenizer.json", "tokenizer.model")]
+    candidates.append(cfg.data.tokenizer)
+    if cfg.data.path:
+        candidates += [str(epath.Path(cfg.data.path) / n)
+                       for n in ("tokenizer.json", "tokenizer.model")]
+    for spec in candidates:
+        if spec == "byte" and not (is_export(path) and cfg.data.tokenizer != "byte"):
+            return load_tokenizer("byte")
+        if spec != "byte" and epath.Path(spec).exists():
+            return load_tokenizer(spec, cfg.data.eos_token)
+    raise DataError(f"no tokenizer found for {path} (looked for {', '.join(candidates)}); "
+                    "pass --tokenizer tokenizer.json")
