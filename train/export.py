@@ -19,19 +19,29 @@ import sharding
 from train.checkpoint import CheckpointError, abstract_tree, find_checkpoint
 from train.cli import guarded, parse, parser
 from train.config import Config, from_dict, to_dict
+from train.load import CONFIG_JSON, PARAMS, checkpoint_config, restore_export
 from train.state import plan_state
-
-PARAMS, CONFIG_JSON = "params", "config.json"
 
 
 def saved_config(source, step: int) -> Config:
     """The resolved config stored with checkpoint `step`."""
-    raw = source.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-    return from_dict(raw)
+    return from_dict(checkpoint_config(source, step))
 
 
-def export(checkpoint: str, output: str, mesh_cfg: Config) -> str:
+def write_export(output: str, params, cfg: Config, info: dict) -> None:
+    """DIR/params (Orbax) and DIR/config.json ({"config": ..., **info}); every process
+    calls it (the save is collective), process 0 writes the JSON."""
+    out = epath.Path(output)
+    if (out / PARAMS).exists():
+        raise CheckpointError(f"{out / PARAMS} exists already; choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(out / PARAMS, params)
+    if jax.process_index() == 0:
+        (out / CONFIG_JSON).write_text(json.dumps({**info, "config": to_dict(cfg)}, indent=1))
+
+
+def export(checkpoint: str, output: str, mesh_cfg: Config) -> int:
     """Params of `checkpoint` -> `output`; the mesh from `mesh_cfg`. Returns the step."""
     source, step = find_checkpoint(checkpoint)
     cfg = saved_config(source, step)
@@ -39,15 +49,7 @@ def export(checkpoint: str, output: str, mesh_cfg: Config) -> str:
     rules = sharding.make_rules(mesh_cfg.sharding.rules, mesh.axis_names)
     _, abstract, shardings = plan_state(cfg, mesh, rules)
     params = source.restore_params(step, abstract_tree(abstract, shardings)["params"])
-    out = epath.Path(output)
-    if (out / PARAMS).exists():
-        raise CheckpointError(f"{out / PARAMS} exists already; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as writer:
-        writer.save(out / PARAMS, params)
-    if jax.process_index() == 0:
-        (out / CONFIG_JSON).write_text(json.dumps({"step": step, "config": to_dict(cfg)},
-                                                  indent=1))
+    write_export(output, params, cfg, {"step": step})
     return step
 
 
@@ -58,10 +60,7 @@ def load_exported(directory: str, mesh, rules=None):
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
     _, abstract, shardings = plan_state(cfg, mesh, rules)
-    target = abstract_tree(abstract, shardings)["params"]
-    with ocp.StandardCheckpointer() as reader:
-        params = reader.restore(epath.Path(directory) / PARAMS, target)
-    return cfg, params
+    return cfg, restore_export(directory, abstract_tree(abstract, shardings)["params"])
 
 
 def main(argv=None) -> None:

@@ -206,7 +206,7 @@ def main(argv=None) -> None:
         start_processes(user)
         enable_compile_cache(user.compile_cache_dir)
         loaded = load(args.checkpoint, user, args.overrides)
-        tok = find_tokenizer(args.checkpoint, loaded.cfg, args.tokenizer)
+        tok = find_tokenizer(loaded, args.tokenizer)
         encode = getattr(tok, "encode_prompts", tok.encode_batch)
         ids = encode(prompts)
         if any(not x for x in ids):

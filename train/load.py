@@ -32,7 +32,8 @@ class Loaded:
     mesh: jax.sharding.Mesh
     rules: dict
     where: str  # what was loaded, for messages
-    info: dict  # the export's extra metadata (e.g. "hf" for converted models)
+    info: dict  # {"step": N} and, for converted models, "hf": what the source was
+    source_dir: str = ""  # the path given
 
 
 def is_export(path: str) -> bool:
@@ -47,10 +48,14 @@ def saved_config(path: str) -> tuple[dict, dict, Any]:
         info = json.loads((epath.Path(path) / CONFIG_JSON).read_text())
         return info["config"], info, None
     source, step = find_checkpoint(path)
+    return checkpoint_config(source, step), {"step": step}, source
+
+
+def checkpoint_config(source, step: int) -> dict:
+    """The resolved config stored with checkpoint `step` of `source` (raw dict)."""
     import orbax.checkpoint as ocp
-    raw = source.manager.restore(step, args=ocp.args.Composite(
+    return source.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    return raw, {"step": step}, source
 
 
 def with_user_settings(saved: dict, user: Config, overrides: Sequence[str]) -> Config:
@@ -86,7 +91,7 @@ def load(path: str, user: Config, overrides: Sequence[str] = ()) -> Loaded:
     else:
         params = restore_export(path, target)
         where = path
-    return Loaded(cfg, nnx.merge(abstract.graphdef, params), mesh, rules, where, info)
+    return Loaded(cfg, nnx.merge(abstract.graphdef, params), mesh, rules, where, info, path)
 
 
 def restore_export(path: str, target: nnx.State) -> nnx.State:
@@ -115,25 +120,27 @@ def check_shapes(saved: Any, target: nnx.State, where: str) -> None:
                                   f"{tuple(node.shape)} there and {want} in the model")
 
 
-def find_tokenizer(path: str, cfg: Config, explicit: str | None = None):
-    """The tokenizer for `path`: `explicit` (--tokenizer), else a tokenizer file in an
-    export directory, else the one the run was trained with (data.tokenizer, or the
-    copy in its prepared data directory)."""
+def find_tokenizer(loaded: Loaded, explicit: str | None = None):
+    """The tokenizer of a loaded model: `explicit` (--tokenizer), else the tokenizer
+    file of an export directory, else the one the run was trained with (data.tokenizer,
+    or the copy in its prepared data directory). A model converted from Hugging Face
+    without a tokenizer file needs --tokenizer."""
     from train.data.tokenizer import load_tokenizer
     from train.data.sources import DataError
+    cfg = loaded.cfg
     if explicit:
         return load_tokenizer(explicit, cfg.data.eos_token)
     candidates = []
-    if is_export(path):
-        candidates += [str(epath.Path(path) / n) for n in ("tokenizer.json", "tokenizer.model")]
-    candidates.append(cfg.data.tokenizer)
-    if cfg.data.path:
-        candidates += [str(epath.Path(cfg.data.path) / n)
+    if loaded.source_dir and is_export(loaded.source_dir):
+        candidates += [str(epath.Path(loaded.source_dir) / n)
                        for n in ("tokenizer.json", "tokenizer.model")]
+    if "hf" not in loaded.info:  # our own runs: what they trained with
+        candidates.append(cfg.data.tokenizer)
+        if cfg.data.path:
+            candidates += [str(epath.Path(cfg.data.path) / n)
+                           for n in ("tokenizer.json", "tokenizer.model")]
     for spec in candidates:
-        if spec == "byte" and not (is_export(path) and cfg.data.tokenizer != "byte"):
-            return load_tokenizer("byte")
-        if spec != "byte" and epath.Path(spec).exists():
+        if spec == "byte" or epath.Path(spec).exists():
             return load_tokenizer(spec, cfg.data.eos_token)
-    raise DataError(f"no tokenizer found for {path} (looked for {', '.join(candidates)}); "
-                    "pass --tokenizer tokenizer.json")
+    raise DataError(f"no tokenizer found for {loaded.where} (looked for "
+                    f"{', '.join(candidates) or 'a tokenizer file'}); pass --tokenizer FILE")
