@@ -60,3 +60,14 @@ def reference(tmp_path_factory):
     ref = losses(out)
     assert sorted(ref) == list(range(1, STEPS + 1))
     return ref
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A short run of the tiny Llama on the stdlib bytes (2x2x2 mesh), checkpointed and
+    evaluated at its last step: what generation, evaluation and export read."""
+    from runs import RUN, STEPS
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_cli(*RUN, f"output_dir={out}", f"eval.every_steps={STEPS}", "eval.batches=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

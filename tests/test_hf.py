@@ -103,3 +103,53 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     with pytest.raises(ConvertError, match="MixtralForCausalLM.*supported: LlamaForCausalLM, "
                                            "GPT2LMHeadModel"):
         hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
+
+
+def test_our_run_exports_to_transformers(trained_run, tmp_path, devices):
+    proc = run_cli("ckpt-to-hf", str(trained_run), str(tmp_path / "hf"), module="train.convert")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    # the embedded stdlib data has 256 byte tokens and no EOS token in the model
+    assert hf_cfg["vocab_size"] == 256 and hf_cfg["eos_token_id"] is None
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    loaded = load(str(trained_run), small_config(), [])
+    ids = np.random.default_rng(0).integers(0, 256, (8, 32))
+    np.testing.assert_allclose(np.asarray(loaded.model(ids)), torch_logits(back, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_convert_and_generate_clis_with_a_tokenizer(tmp_path):
+    from train.data.tokenizer import load_tokenizer, train_bpe
+    texts = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+    size = train_bpe(texts, 300, str(tmp_path / "hf" / "tokenizer.json"))
+    tok = load_tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+        eos_token_id=tok.eos_id, bos_token_id=tok.eos_id))
+    randomized(ref).save_pretrained(tmp_path / "hf")
+    proc = run_cli("hf-to-ckpt", str(tmp_path / "hf"), str(tmp_path / "ours"),
+                   "model.dtype=float32", module="train.convert")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "converted GPT2LMHeadModel" in proc.stdout
+    assert (tmp_path / "ours" / "tokenizer.json").exists()
+
+    prompt = "def add(a"
+    gen = run_cli("--checkpoint", str(tmp_path / "ours"), "--prompt", prompt,
+                  "--max-new-tokens", "12", module="train.generate")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    ids = tok.encode_prompts([prompt])[0]
+    with torch.no_grad():
+        new = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                           eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(ids):].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert gen.stdout.split("\n", 1)[1].startswith(prompt + tok.decode(new) + "\nprefill ")
+
+
+def test_bad_conversions_are_one_line(tmp_path):
+    proc = run_cli("hf-to-ckpt", str(tmp_path), str(tmp_path / "out"), module="train.convert")
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr.strip().splitlines()[-1]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                      "vocab_size": 10}))
+    proc = run_cli("hf-to-ckpt", str(tmp_path), str(tmp_path / "out"), "n_embd=3",
+                   module="train.convert")
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr

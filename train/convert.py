@@ -33,7 +33,7 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, user, overrides) -> str:
     import sharding
     from train import hf
     from train.checkpoint import abstract_tree
-    from train.config import _merge, from_dict, parse_override, to_dict
+    from train.config import Config, _merge, from_dict, parse_override, to_dict
     from train.export import write_export
     from train.state import plan_state
 
@@ -42,11 +42,14 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, user, overrides) -> str:
         raise hf.ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     hf_cfg = json.loads((src / "config.json").read_text())
     raw = to_dict(user)
-    raw["model"] = {**raw["model"], **hf.model_config(hf_cfg)}
+    # shapes from HF; how to compute (dtype, remat, attention, ...) from --config
+    keep = {k: v for k, v in raw["model"].items() if k in hf.COMPUTE_KEYS}
+    raw["model"] = {**to_dict(Config())["model"], **keep, **hf.model_config(hf_cfg)}
     for text in overrides:  # the user's model.* keys that keep shapes (dtype, attention)
         if text.split("=", 1)[0].strip().startswith("model."):
             raw = _merge(raw, parse_override(text))
     raw["name"] = src.name
+    raw["train"]["seq_len"] = min(raw["train"]["seq_len"], raw["model"]["max_seq_len"])
     has_tok = (src / "tokenizer.json").exists()
     cfg = from_dict(raw)
     mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
@@ -92,6 +95,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user, overrides, tokenizer: str | None) -
     vocab = source.get("vocab_size") or (min(tok.vocab_size, m.vocab_size) if tok
                                          else m.vocab_size)
     eos = source.get("eos_token_id", tok.eos_id if tok else None)
+    eos = eos if eos is None or isinstance(eos, list) or eos < vocab else None  # not a token
     bos = source.get("bos_token_id")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

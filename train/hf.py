@@ -22,6 +22,9 @@ import numpy as np
 from etils import epath
 
 SUPPORTED = ("LlamaForCausalLM", "GPT2LMHeadModel")
+# model.* keys about how to compute, not shapes: an import takes them from --config
+COMPUTE_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "attention_block",
+                "vocab_chunks")
 
 
 class ConvertError(ValueError):

@@ -92,10 +92,9 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
     return ce_sum, z_sum, grads
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Validation sums over a (M, B/M, T) batch: loss_sum (weighted cross-entropy) and
-    weight (tokens counted); the loop divides after summing over batches."""
-    model = nnx.merge(state.graphdef, state.params)
+def eval_sums(model, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Validation sums of `model` over a (M, B/M, T) batch: loss_sum (weighted
+    cross-entropy) and weight (tokens counted); callers divide after summing batches."""
 
     def one(carry, micro):
         lse_BT, target_BT = model.logsumexp_and_target(micro["inputs"], micro["targets"],
@@ -107,6 +106,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
     zero = jnp.zeros((), jnp.float32)
     (loss_sum, weight), _ = jax.lax.scan(one, (zero, zero), batch)
     return {"loss_sum": loss_sum, "weight": weight}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return eval_sums(nnx.merge(state.graphdef, state.params), batch)
 
 
 def jit_eval_step(state_shardings, batch_shardings):

@@ -1,0 +1,65 @@
+"""python -m train.generate / train.eval / train.convert on a run, as a user runs them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+MESH8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp"]
+
+
+def continuations(stdout: str) -> list[str]:
+    """The text after each '--- i: ...' header line."""
+    blocks = stdout.split("\n--- ")[1:] if not stdout.startswith("--- ") else \
+        ("\n" + stdout).split("\n--- ")[1:]
+    return [b.split("\n", 1)[1].rsplit("\nprefill ", 1)[0] for b in blocks]
+
+
+def test_generate_on_a_mesh_equals_one_device(trained_run):
+    args = ["--checkpoint", str(trained_run), "--prompt", "def main(", "--prompt",
+            "import os\nimport sys\n", "--max-new-tokens", "24"]
+    eight = run_cli(*args, *MESH8, module="train.generate")
+    assert eight.returncode == 0, eight.stderr[-2000:]
+    assert "prefill 30 tokens" in eight.stdout and "tokens/s) | decode 46 tokens" in eight.stdout
+    one = run_cli(*args, "mesh.data=1", "mesh.fsdp=1", "mesh.model=1", module="train.generate",
+                  devices=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    texts = continuations(eight.stdout)
+    assert texts == continuations(one.stdout)
+    assert texts[0].startswith("def main(") and texts[1].startswith("import os\nimport sys\n")
+    assert len(texts[0].encode()) > len("def main(")
+
+
+def test_eval_reproduces_the_runs_eval_loss(trained_run):
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    proc = run_cli("--checkpoint", str(trained_run), "mesh.data=8", "mesh.fsdp=1",
+                   module="train.eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["batches"] == 2 and out["tokens"] == 2 * 8 * 32
+    np.testing.assert_allclose(out["loss"], last["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(out["perplexity"], np.exp(last["eval_loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "500"], "above the model's max_seq_len=256"),
+    (["model.num_layers=3"], "does not match the model: blocks/attn_norm_scale has shape "
+                             "(2, 64)"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+])
+def test_generate_bad_input_is_one_line(trained_run, args, message):
+    proc = run_cli("--checkpoint", str(trained_run), "--prompt", "x", *args,
+                   module="train.generate")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    proc = run_cli("--checkpoint", str(tmp_path / "nope"), "--prompt", "x",
+                   module="train.generate")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
