@@ -104,5 +104,19 @@ def forward(model: Transformer, tokens_BT: jax.Array, cache: dict[str, jax.Array
     return (logits_BTV if all_logits else logits_BTV[:, 0]), {"k": k, "v": v}
 
 
+def inference_params(params: Any, dtype) -> Any:
+    """The params (nnx.State) with every matrix cast once to the compute dtype, as the
+    forward pass casts them on each use (so the results are the same): per-token decode
+    then reads bf16 weights instead of reading fp32 and casting. Matrices are the
+    stacked layer arrays of rank >= 3 and the other arrays of rank >= 2; norm scales
+    and biases keep their dtype."""
+    def cast(path, x):
+        layered = any(getattr(k, "key", None) == "blocks" for k in path)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= (3 if layered else 2):
+            return x.astype(dtype)
+        return x
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def cache_bytes(cache: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

@@ -1,11 +1,13 @@
 """`python -m train` end to end, as a user runs it, in a subprocess."""
 
 import json
+import subprocess
+import sys
 import struct
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, cli_env, run_cli
 
 
 def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
@@ -57,6 +59,24 @@ def test_no_config_means_default_yaml(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data=2, fsdp=1, model=1" in proc.stdout  # default.yaml: data=-1 over 2 devices
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_relative_output_dir_checkpoints_and_generates(tmp_path):
+    """As the quick start runs it: runs/<name> relative to the working directory."""
+    env = cli_env(2)
+    env["PYTHONPATH"] = str(REPO)
+    common = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(REPO / "configs" /
+                           "default.yaml"), "train.steps=4", "checkpoint.every_steps=2",
+                           "compile_cache_dir=null"], **common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs/default/checkpoints").iterdir()) == ["2", "4"]
+    gen = subprocess.run([sys.executable, "-m", "train.generate", "--checkpoint",
+                          "runs/default", "--prompt", "def ", "--config",
+                          str(REPO / "configs" / "default.yaml"), "compile_cache_dir=null"],
+                         **common)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "runs/default/checkpoints step 4" in gen.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -134,3 +134,17 @@ def test_greedy_is_argmax():
     logits_BV = jax.random.normal(jax.random.key(0), (4, 50))
     np.testing.assert_array_equal(sample(logits_BV, jax.random.key(0), 0.0),
                                   np.argmax(logits_BV, axis=-1))
+
+
+def test_inference_params_change_nothing_in_bf16(devices):
+    from models.decode import inference_params
+    model, _, _ = built("gpt2", (1, 1, 1), "fsdp_tp", "model.dtype=bfloat16")
+    graphdef, params = nnx.split(model)
+    cast = nnx.merge(graphdef, inference_params(params, jnp.bfloat16))
+    assert cast.blocks.wq.get_value().dtype == jnp.bfloat16
+    assert cast.blocks.attn_norm_scale.get_value().dtype == jnp.float32
+    tokens_BT = jax.random.randint(jax.random.key(1), (2, 9), 0, 128)
+    pad_B = jnp.zeros((2,), jnp.int32)
+    run = jax.jit(lambda m: decode.forward(m, tokens_BT, decode.init_cache(m, 2, 9),
+                                           jnp.int32(0), pad_B, all_logits=True)[0])
+    np.testing.assert_array_equal(run(cast), run(model))

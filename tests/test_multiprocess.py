@@ -99,3 +99,29 @@ def test_a_killed_peer_stops_the_other_within_30_s(tmp_path):
         assert procs[0].returncode != 0
     finally:
         kill_all(procs)
+
+
+def test_two_processes_generate_what_one_process_generates(trained_run, tmp_path):
+    """python -m train.generate as two processes (a mesh over both) prints, on process 0
+    only, the continuations of one process with 8 devices."""
+    args = ["-m", "train.generate", "--checkpoint", str(trained_run), "--prompt", "def f(",
+            "--prompt", "class A:\n", "--max-new-tokens", "16", "mesh.data=2", "mesh.fsdp=2",
+            "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null"]
+    one = subprocess.run([sys.executable, *args], cwd=REPO, env=cli_env(8),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port, procs, logs = free_port(), [], []
+    for i in range(2):
+        env = cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(i))
+        logs.append(tmp_path / f"gen{i}.log")
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                                      stdout=open(logs[i], "w"), stderr=subprocess.DEVNULL))
+    assert wait_all(procs, 300) == [0, 0]
+    # gloo's own connection lines aside
+    texts = ["".join(line for line in log.read_text().splitlines(keepends=True)
+                     if not line.startswith("[Gloo]")) for log in logs]
+    assert texts[1] == ""  # only process 0 prints
+    strip = lambda s: s[:s.index("\nprefill ")]  # noqa: E731 - the timing line differs
+    assert "--- 1: 16 new tokens" in texts[0]
+    assert strip(texts[0]) == strip(one.stdout)

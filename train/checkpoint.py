@@ -61,6 +61,8 @@ class Checkpoints:
     def __init__(self, directory: str, cfg: CheckpointConfig | None = None, *,
                  read_only: bool = False):
         cfg = cfg or CheckpointConfig()
+        if "://" not in directory:  # Orbax refuses relative paths (runs/default/...)
+            directory = os.path.abspath(os.path.expanduser(directory))
         self.directory = directory
         self.timeout_s, self.pending = cfg.save_timeout_s, None
         options = ocp.CheckpointManagerOptions(

@@ -41,8 +41,11 @@ class Generator:
 
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None):
         import jax
+        import jax.numpy as jnp
         from flax import nnx
-        self.graphdef, self.params = nnx.split(model)
+        from models.decode import inference_params
+        self.graphdef, params = nnx.split(model)
+        self.params = jax.jit(lambda p: inference_params(p, jnp.dtype(model.cfg.dtype)))(params)
         self.cfg, self.mesh, self.rules = model.cfg, mesh, rules
         self.eos_id = eos_id
         self.vocab_limit = vocab_limit or self.cfg.vocab_size
@@ -96,6 +99,10 @@ class Generator:
 
         steps, cache, out_BN, _, _ = jax.lax.while_loop(
             cond, body, (jnp.int32(1), cache, out_BN, done_B, key))
+        from jax.sharding import NamedSharding, PartitionSpec
+        # replicated, so every process reads all rows from its own devices
+        out_BN = jax.lax.with_sharding_constraint(out_BN, NamedSharding(self.mesh,
+                                                                        PartitionSpec()))
         return out_BN, steps, cache  # the cache returned, so it is updated in place
 
     # ------------------------------------------------------------------ host side
@@ -122,7 +129,7 @@ class Generator:
                              f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or "
                              "generate fewer tokens")
         n = len(prompts)
-        B = -(-n // self.ways) * self.ways  # whole rows per data/fsdp shard
+        B = self.padded(n)
         rows = prompts + [prompts[0]] * (B - n)
         tokens_BP = np.zeros((B, P), np.int32)
         pad_B = np.array([P - len(r) for r in rows], np.int32)
@@ -150,8 +157,7 @@ class Generator:
         compile_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         out_BN, steps, _ = decode_fn(self.params, first, cache, pad, key)
-        out_BN = np.asarray(out_BN.addressable_data(0)) if not out_BN.is_fully_addressable \
-            else np.asarray(out_BN)
+        out_BN = np.asarray(out_BN.addressable_data(0))  # replicated: the whole array
         decode_s = time.perf_counter() - t0
 
         steps = int(np.asarray(steps.addressable_data(0)))
@@ -162,6 +168,10 @@ class Generator:
             finished.append(end < len(row))
         return Generated(new, finished, sum(map(len, prompts)), prefill_s,
                          n * (steps - 1), decode_s, compile_s)
+
+    def padded(self, n: int) -> int:
+        """Batch rows generated for n prompts: whole rows per data x fsdp shard."""
+        return -(-n // self.ways) * self.ways
 
     def _compile(self, name, key, build):
         if (name, key) not in self._compiled:

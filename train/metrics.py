@@ -34,11 +34,30 @@ def peak_flops_per_device(device: jax.Device, override_tflops: float | None) -> 
     """Peak FLOP/s of one device: the override, else the table, else None (CPU)."""
     if override_tflops:
         return override_tflops * 1e12
+    return _lookup(PEAK_FLOPS, device)
+
+
+# Peak HBM bandwidth (bytes/s) of one device, from the vendors' data sheets, for
+# memory-bandwidth utilization of decoding (scripts/bench_decode.py).
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12, "H100": 3.35e12, "H800": 3.35e12, "A100": 2.0e12, "A800": 2.0e12,
+    "L40S": 0.864e12, "L4": 0.3e12, "A10G": 0.6e12, "B200": 8.0e12, "GB200": 8.0e12,
+    "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12, "TPU v5p": 2.765e12, "TPU v5 lite": 0.819e12,
+    "TPU v5e": 0.819e12, "TPU v5": 2.765e12, "TPU v4": 1.2e12, "TPU v3": 0.9e12,
+}
+
+
+def _lookup(table: dict, device: jax.Device) -> float | None:
     kind = getattr(device, "device_kind", "")
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    for name in sorted(table, key=len, reverse=True):
         if name in kind:
-            return PEAK_FLOPS[name]
+            return table[name]
     return None
+
+
+def peak_bandwidth_per_device(device: jax.Device) -> float | None:
+    """Peak memory bandwidth (bytes/s) of one device from the table; None (CPU) if unknown."""
+    return _lookup(PEAK_BANDWIDTH, device)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
