@@ -31,6 +31,12 @@ def small_config(*overrides: str):
     return load_config(str(REPO / "configs" / "tiny.yaml"), SMALL + list(overrides))
 
 
+def padded_spec(x) -> tuple:
+    """An array's PartitionSpec as a tuple of its rank (jax 0.10 drops trailing Nones)."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert len(jax.devices()) == 8, "tests need 8 fake CPU devices (see conftest.py)"
