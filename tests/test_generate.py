@@ -65,6 +65,13 @@ def test_mixed_length_batch_equals_one_by_one(style, devices):
     assert all(len(t) == 20 for t in batch)
 
 
+def test_chunked_prefill_equals_one_chunk(devices):
+    model, mesh, rules = built("llama")
+    whole = Generator(model, mesh, rules, eos_id=127, vocab_limit=127)
+    chunked = Generator(model, mesh, rules, eos_id=127, vocab_limit=127, prefill_chunk=3)
+    assert chunked.generate(PROMPTS, 12).tokens == whole.generate(PROMPTS, 12).tokens
+
+
 def test_sharded_generation_equals_single_device(devices):
     one = Generator(*built("llama"), eos_id=127).generate(PROMPTS, 20)
     model, mesh, rules = built("llama", (2, 2, 2))

@@ -17,9 +17,10 @@ def continuations(stdout: str) -> list[str]:
     return [b.split("\n", 1)[1].rsplit("\nprefill ", 1)[0] for b in blocks]
 
 
-def test_generate_on_a_mesh_equals_one_device(trained_run):
-    args = ["--checkpoint", str(trained_run), "--prompt", "def main(", "--prompt",
-            "import os\nimport sys\n", "--max-new-tokens", "24"]
+def test_generate_on_a_mesh_equals_one_device(trained_run, tmp_path):
+    (tmp_path / "prompts.txt").write_text("import os\\nimport sys\\n\n\n")  # "\n" escaped
+    args = ["--checkpoint", str(trained_run), "--prompt", "def main(", "--prompts-file",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "24"]
     eight = run_cli(*args, *MESH8, module="train.generate")
     assert eight.returncode == 0, eight.stderr[-2000:]
     assert "prefill 30 tokens" in eight.stdout and "tokens/s) | decode 46 tokens" in eight.stdout

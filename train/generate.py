@@ -8,8 +8,10 @@ mesh and rules come from --config and overrides (default: configs/default.yaml's
 Prompts of different lengths are left-padded to the longest (padding masked, positions
 counted from each prompt's first token, so each continues as it would alone); the batch
 is padded up to a multiple of the mesh's data x fsdp ways. One jitted prefill runs the
-prompts and picks the first new token, one jitted `while_loop` decodes the rest on the
-device (stopping when every sequence has produced EOS or --max-new-tokens tokens).
+prompts, model.attention_block (512) tokens at a time so long prompts never hold all
+their attention scores at once, and picks the first new token; one jitted `while_loop`
+decodes the rest on the device (stopping when every sequence has produced EOS or
+--max-new-tokens tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Generator:
     `vocab_limit`: token ids at and above it (vocabulary padding) are never produced.
     """
 
-    def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None):
+    def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
+                 prefill_chunk: int | None = None):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -50,18 +53,33 @@ class Generator:
         self.eos_id = eos_id
         self.vocab_limit = vocab_limit or self.cfg.vocab_size
         self.ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.prefill_chunk = prefill_chunk or self.cfg.attention_block
         self._compiled: dict = {}
         self._jax = jax
 
     # ------------------------------------------------------------------ device code
 
     def _prefill(self, params, tokens_BP, pad_B, key, *, max_len, temperature, top_k, top_p):
+        """The prompts, `prefill_chunk` tokens at a time (a scan over chunks: the scores
+        held at once are B x N x chunk x S), then the first new token."""
+        import jax
         import jax.numpy as jnp
         from flax import nnx
         from models import decode
         model = nnx.merge(self.graphdef, params)
-        cache = decode.init_cache(model, tokens_BP.shape[0], max_len)
-        logits_BV, cache = decode.forward(model, tokens_BP, cache, jnp.int32(0), pad_B)
+        B, P = tokens_BP.shape
+        C = min(self.prefill_chunk, P)  # the caller pads P to a multiple of C
+        cache = decode.init_cache(model, B, max_len)
+        tokens_nBC = tokens_BP.reshape(B, P // C, C).transpose(1, 0, 2)
+
+        def chunk(cache, xs):
+            tokens_BC, start = xs
+            logits_BV, cache = decode.forward(model, tokens_BC, cache, start, pad_B)
+            return cache, logits_BV
+
+        starts_n = jnp.arange(P // C, dtype=jnp.int32) * C
+        cache, logits_nBV = jax.lax.scan(chunk, cache, (tokens_nBC, starts_n))
+        logits_BV = logits_nBV[-1]
         key, sub = self._jax.random.split(key)
         return self._pick(logits_BV, sub, temperature, top_k, top_p), cache, key
 
@@ -121,13 +139,17 @@ class Generator:
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        P = max(len(p) for p in prompts)
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"the longest prompt has {longest} tokens; with --max-new-tokens "
+                             f"{max_new_tokens} that is {longest + max_new_tokens}, above the "
+                             f"model's max_seq_len={self.cfg.max_seq_len}; shorten the prompt "
+                             "or generate fewer tokens")
+        # left padding up to whole prefill chunks (positions count from each prompt's
+        # first token, so cache slots may run past max_seq_len; positions never do)
+        C = min(self.prefill_chunk, longest)
+        P = -(-longest // C) * C
         max_len = P + max_new_tokens
-        if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"the longest prompt has {P} tokens; with --max-new-tokens "
-                             f"{max_new_tokens} that is {max_len}, above the model's "
-                             f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or "
-                             "generate fewer tokens")
         n = len(prompts)
         B = self.padded(n)
         rows = prompts + [prompts[0]] * (B - n)
@@ -184,7 +206,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="run output_dir, checkpoints dir, one step's dir, or an export")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a text file, one prompt per line")
+    p.add_argument("--prompts-file", help="a text file, one prompt per line (a literal \\n "
+                   "in a line stands for a newline)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
