@@ -64,3 +64,19 @@ def test_missing_checkpoint_is_one_line(tmp_path):
                    module="train.generate")
     assert proc.returncode == 1 and "does not exist" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_generate_from_an_export(trained_run, tmp_path):
+    proc = run_cli("--checkpoint", str(trained_run), "--output", str(tmp_path / "export"),
+                   module="train.export")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["--checkpoint", str(tmp_path / "export"), "--prompt", "def main(",
+            "--max-new-tokens", "24"]
+    from_export = run_cli(*args, module="train.generate")
+    assert from_export.returncode == 0, from_export.stderr[-2000:]
+    from_run = run_cli("--checkpoint", str(trained_run), *args[2:], module="train.generate")
+    assert continuations(from_export.stdout) == continuations(from_run.stdout)
+    bad = run_cli(*args, "model.mlp_dim=256", module="train.generate")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "does not match the model: blocks/w_gate has shape (2, 64, 128) in the checkpoint " \
+           "and (2, 64, 256) in the model" in bad.stderr.strip().splitlines()[-1]

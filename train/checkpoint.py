@@ -176,20 +176,7 @@ class Checkpoints:
             saved = getattr(saved, "tree", saved)["params"]
         except Exception as e:  # unreadable metadata: report path and step
             raise self._unreadable(step, e) from None
-        for path, var in nnx.to_flat_state(abstract_params):
-            node = saved
-            for key in path:
-                node = node.get(key) if isinstance(node, dict) else None
-            node = node.get("value") if isinstance(node, dict) else node
-            name = "/".join(map(str, path))
-            want = tuple(var.get_value().shape)
-            if node is None:
-                raise CheckpointError(f"{self._where(step)} does not match the model: it has "
-                                      f"no parameter {name} (model shape {want})")
-            if tuple(node.shape) != want:
-                raise CheckpointError(f"{self._where(step)} does not match the model: {name} "
-                                      f"has shape {tuple(node.shape)} in the checkpoint and "
-                                      f"{want} in the model")
+        check_param_shapes(saved, abstract_params, self._where(step))
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         older = [s for s in self.all_steps() if s < step]
@@ -222,6 +209,24 @@ class Checkpoints:
         except Exception as e:
             raise self._unreadable(step, e) from None
         return out["params"]
+
+
+def check_param_shapes(saved: Any, target: nnx.State, where: str) -> None:
+    """CheckpointError naming the first parameter of `target` that the saved metadata
+    tree lacks or holds with another shape."""
+    for path, var in nnx.to_flat_state(target):
+        node = saved
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        node = node.get("value") if isinstance(node, dict) else node
+        name, want = "/".join(map(str, path)), tuple(var.get_value().shape)
+        if node is None:
+            raise CheckpointError(f"{where} does not match the model: it has no parameter "
+                                  f"{name} (model shape {want})")
+        if tuple(node.shape) != want:
+            raise CheckpointError(f"{where} does not match the model: {name} has shape "
+                                  f"{tuple(node.shape)} in the checkpoint and {want} in the "
+                                  "model")
 
 
 def find_checkpoint(path: str) -> tuple[Checkpoints, int]:

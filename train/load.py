@@ -18,7 +18,8 @@ from etils import epath
 from flax import nnx
 
 import sharding
-from train.checkpoint import CheckpointError, abstract_tree, find_checkpoint
+from train.checkpoint import (CheckpointError, abstract_tree, check_param_shapes,
+                              find_checkpoint)
 from train.config import Config, _merge, from_dict, parse_override, to_dict
 from train.state import plan_state
 
@@ -100,24 +101,8 @@ def restore_export(path: str, target: nnx.State) -> nnx.State:
         saved = reader.metadata(epath.Path(path) / PARAMS)
         saved = getattr(saved, "item_metadata", saved)
         saved = getattr(saved, "tree", saved)
-        check_shapes(saved, target, path)
+        check_param_shapes(saved, target, path)
         return reader.restore(epath.Path(path) / PARAMS, target)
-
-
-def check_shapes(saved: Any, target: nnx.State, where: str) -> None:
-    """CheckpointError naming the first parameter missing from `saved` or of another shape."""
-    for key_path, var in nnx.to_flat_state(target):
-        node = saved
-        for key in key_path:
-            node = node.get(key) if isinstance(node, dict) else None
-        node = node.get("value") if isinstance(node, dict) else node
-        name, want = "/".join(map(str, key_path)), tuple(var.get_value().shape)
-        if node is None:
-            raise CheckpointError(f"{where} does not match the model: it has no parameter "
-                                  f"{name} (model shape {want})")
-        if tuple(node.shape) != want:
-            raise CheckpointError(f"{where} does not match the model: {name} has shape "
-                                  f"{tuple(node.shape)} there and {want} in the model")
 
 
 def find_tokenizer(loaded: Loaded, explicit: str | None = None):
