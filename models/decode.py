@@ -64,10 +64,10 @@ def forward(model: Transformer, tokens_BT: jax.Array, cache: dict[str, jax.Array
     B, T = tokens_BT.shape
     slots_BT = index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = jnp.maximum(slots_BT - pad_B[:, None], 0)
-    x_BTD = jnp.take(model.embedding.get_value(), tokens_BT, axis=0).astype(dt)
+    x_BTD = layers.embed(model.embedding.get_value(), tokens_BT, dt, constrain)
     if cfg.style == "gpt2":
-        x_BTD = x_BTD + jnp.take(model.pos_embedding.get_value(), positions_BT,
-                                 axis=0).astype(dt)
+        x_BTD = x_BTD + layers.embed(model.pos_embedding.get_value(), positions_BT, dt,
+                                     constrain, ("length", "embed"))
     x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
     axes = model.blocks.layer_axes()
 

@@ -135,10 +135,10 @@ class Transformer(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         with jax.named_scope("embed"):
-            x_BTD = jnp.take(self.embedding.get_value(), tokens_BT, axis=0).astype(dt)
+            x_BTD = layers.embed(self.embedding.get_value(), tokens_BT, dt, constrain)
             if cfg.style == "gpt2":
-                x_BTD = x_BTD + jnp.take(self.pos_embedding.get_value(), positions_BT,
-                                         axis=0).astype(dt)
+                x_BTD = x_BTD + layers.embed(self.pos_embedding.get_value(), positions_BT,
+                                             dt, constrain, ("length", "embed"))
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
         x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT)
         bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None

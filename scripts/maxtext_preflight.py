@@ -62,8 +62,8 @@ def main() -> None:
             "args_gib": round(m.argument_size_in_bytes / GIB, 2),
             "temps_gib": round(m.temp_size_in_bytes / GIB, 2),
             "total_gib": round(total / GIB, 2),
-            "collectives_gib": round(sum(by_op.values()), 2),
-            "by_op_gib": {k: round(v, 2) for k, v in sorted(by_op.items())},
+            "collectives_gib": round(sum(by_op.values()), 4),
+            "by_op_gib": {k: round(v, 4) for k, v in sorted(by_op.items())},
             "unknown_trip_counts": unknown}), flush=True)
         return compiled
 

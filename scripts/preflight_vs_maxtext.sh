@@ -22,7 +22,7 @@ import json, sys
 r = json.load(open("/tmp/preflight-ours.json"))
 gib = 1024 ** 3
 print(f"shardlm  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory "
-      f"{r['memory_per_chip']['total'] / gib:6.2f} GiB  collectives {r['collective_bytes_per_chip'] / gib:6.2f} GiB")
+      f"{r['memory_per_chip']['total'] / gib:6.2f} GiB  collectives {r['collective_bytes_per_chip'] / gib:8.4f} GiB")
 PY
 }
 maxtext() {  # case topology model per-device-batch [extra]
@@ -33,7 +33,7 @@ maxtext() {  # case topology model per-device-batch [extra]
 import json, sys
 r = json.loads(sys.stdin.read())
 print(f\"maxtext  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory \"
-      f\"{r['total_gib']:6.2f} GiB  collectives {r['collectives_gib']:6.2f} GiB\")" "$1"
+      f\"{r['total_gib']:6.2f} GiB  collectives {r['collectives_gib']:8.4f} GiB\")" "$1"
 }
 for _ in $(seq "$REPEATS"); do
     maxtext 7b/v5p-64 v5p-64 llama2-7b 4 attention=dot_product

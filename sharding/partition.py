@@ -13,6 +13,12 @@ from sharding.mesh import describe
 from sharding.rules import Rules
 
 
+# A logical axis for an activation dimension whose layout the partitioner may choose
+# (PartitionSpec.UNCONSTRAINED), e.g. the batch dimensions of an array constrained only
+# to have its model dimension split like a parameter's.
+ANY = "*"
+
+
 class PartitionError(ValueError):
     """A tensor whose logical axes cannot be laid out on the mesh."""
 
@@ -33,6 +39,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], ru
     for dim, name in zip(shape, logical_axes):
         if name is None:
             entries.append(None)
+            continue
+        if name == ANY:  # the partitioner chooses (for activations only)
+            entries.append(PartitionSpec.UNCONSTRAINED)
             continue
         if name not in rules:
             raise PartitionError(f"{where}: logical axis {name!r} has no rule; add it to "

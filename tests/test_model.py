@@ -186,3 +186,24 @@ def test_gpt2_parameter_count_by_hand():
     cfg = small_config("model.style=gpt2", "model.num_kv_heads=8").model
     assert count_params(cfg) == expected
     assert count_params(cfg, exclude_positions=False) == expected + 64 * d
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embed_equals_take_then_cast_with_its_gradient(dtype):
+    """layers.embed only moves the communication: values and gradients are those of
+    jnp.take followed by a cast (repeated ids included)."""
+    from models.layers import embed, no_constraint
+    table_VD = jax.random.normal(jax.random.key(0), (50, 16))
+    ids_BT = jax.random.randint(jax.random.key(1), (4, 9), 0, 10)  # many repeats
+    w_BTD = jax.random.normal(jax.random.key(2), (4, 9, 16)).astype(dtype)
+
+    def ours(t):
+        return jnp.sum((embed(t, ids_BT, jnp.dtype(dtype), no_constraint) * w_BTD)
+                       .astype(jnp.float32))
+
+    def plain(t):
+        return jnp.sum((jnp.take(t, ids_BT, axis=0).astype(dtype) * w_BTD).astype(jnp.float32))
+
+    np.testing.assert_array_equal(jax.jit(ours)(table_VD), jax.jit(plain)(table_VD))
+    np.testing.assert_array_equal(jax.jit(jax.grad(ours))(table_VD),
+                                  jax.jit(jax.grad(plain))(table_VD))

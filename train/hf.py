@@ -63,6 +63,10 @@ def model_config(hf: dict, vocab_multiple: int = 128) -> dict:
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConvertError(f"GPT-2 activation {act!r} is not supported (gelu_new only)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+            raise ConvertError("GPT-2 with scale_attn_by_inverse_layer_idx=true or "
+                               "scale_attn_weights=false is not supported (1/sqrt(head size) "
+                               "scaling only)")
         D = hf["n_embd"]
         return dict(style="gpt2", vocab_size=padded, num_layers=hf["n_layer"], d_model=D,
                     num_heads=hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * D,
