@@ -53,6 +53,23 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
         raise  # unreachable
 
 
+def start_tool(cfg: Config) -> bool:
+    """What every inference tool (generate, eval, convert) does before touching JAX
+    devices: the library's XLA flags, jax.distributed when several processes take part,
+    log lines from process 0, the compilation cache, and Orbax's read-only notices
+    silenced. Returns whether this is process 0."""
+    from train import xla_flags
+    xla_flags.apply()  # before the backend starts
+    import absl.logging
+    import jax
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    from train.loop import enable_compile_cache, setup_logging, start_processes
+    start_processes(cfg)
+    setup_logging(jax.process_index() == 0)
+    enable_compile_cache(cfg.compile_cache_dir)
+    return jax.process_index() == 0
+
+
 def guarded(fn: Callable[[], object]) -> object:
     """Run `fn`; config mistakes become one line and exit 2, a checkpoint that cannot be
     used or a run that stopped itself one line and exit 1."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from train.cli import fail, guarded, parse
+from train.cli import fail, guarded, parse, start_tool
 
 
 def hf_to_ckpt(hf_dir: str, out_dir: str, user, overrides) -> str:
@@ -78,6 +78,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user, overrides, tokenizer: str | None) -
     from etils import epath
 
     from train import hf
+    from train.data.sources import DataError
     from train.load import find_tokenizer, load
 
     out = epath.Path(hf_dir)
@@ -89,7 +90,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user, overrides, tokenizer: str | None) -
     tok = None
     try:
         tok = find_tokenizer(loaded, tokenizer)
-    except Exception:  # noqa: BLE001 - no tokenizer: keep the model's vocabulary
+    except DataError:  # no tokenizer: keep the model's vocabulary
         if tokenizer:
             raise
     vocab = source.get("vocab_size") or (min(tok.vocab_size, m.vocab_size) if tok
@@ -131,13 +132,8 @@ def main(argv=None) -> None:
     user, args = parse(p, argv)
 
     def go():
-        import absl.logging
-        absl.logging.set_verbosity(absl.logging.ERROR)
-        import jax
+        is_main = start_tool(user)
         from train import hf
-        from train.loop import enable_compile_cache, start_processes
-        start_processes(user)
-        enable_compile_cache(user.compile_cache_dir)
         try:
             if args.command == "hf-to-ckpt":
                 line = hf_to_ckpt(args.source, args.dest, user, args.overrides)
@@ -145,7 +141,7 @@ def main(argv=None) -> None:
                 line = ckpt_to_hf(args.source, args.dest, user, args.overrides, args.tokenizer)
         except hf.ConvertError as e:
             fail(str(e))
-        if jax.process_index() == 0:
+        if is_main:
             print(line)
 
     guarded(go)

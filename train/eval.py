@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from train.cli import guarded, parse, parser
+from train.cli import fail, guarded, parse, parser, start_tool
 
 
 def evaluate(loaded, num_batches: int) -> dict:
@@ -52,23 +52,14 @@ def main(argv=None) -> None:
     user, args = parse(p, argv)
 
     def go():
-        from train import xla_flags
-        xla_flags.apply()
-        import absl.logging
-        import jax
-        absl.logging.set_verbosity(absl.logging.ERROR)
-        from train.cli import fail
+        is_main = start_tool(user)
         from train.load import load
-        from train.loop import enable_compile_cache, setup_logging, start_processes
-        start_processes(user)
-        setup_logging(jax.process_index() == 0)
-        enable_compile_cache(user.compile_cache_dir)
         loaded = load(args.checkpoint, user, args.overrides)
         n = args.batches or loaded.cfg.eval.batches
         if n < 1:
             fail(f"--batches must be at least 1, got {n}")
         out = evaluate(loaded, n)
-        if jax.process_index() == 0:
+        if is_main:
             t = loaded.cfg.train
             print(f"eval {loaded.where}: {n} batches of {t.batch_size} x {t.seq_len} "
                   f"({out['tokens']:,} tokens) | loss {out['loss']:.4f} | perplexity "

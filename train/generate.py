@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from train.cli import guarded, parse, parser
+from train.cli import guarded, parse, parser, start_tool
 
 
 @dataclasses.dataclass
@@ -55,7 +55,6 @@ class Generator:
         self.ways = mesh.shape["data"] * mesh.shape["fsdp"]
         self.prefill_chunk = prefill_chunk or self.cfg.attention_block
         self._compiled: dict = {}
-        self._jax = jax
 
     # ------------------------------------------------------------------ device code
 
@@ -80,7 +79,7 @@ class Generator:
         starts_n = jnp.arange(P // C, dtype=jnp.int32) * C
         cache, logits_nBV = jax.lax.scan(chunk, cache, (tokens_nBC, starts_n))
         logits_BV = logits_nBV[-1]
-        key, sub = self._jax.random.split(key)
+        key, sub = jax.random.split(key)
         return self._pick(logits_BV, sub, temperature, top_k, top_p), cache, key
 
     def _pick(self, logits_BV, key, temperature, top_k, top_p):
@@ -127,8 +126,9 @@ class Generator:
 
     def _global(self, x: np.ndarray):
         """A host array every process holds, as a replicated global array."""
+        import jax
         from jax.sharding import NamedSharding, PartitionSpec
-        return self._jax.make_array_from_callback(
+        return jax.make_array_from_callback(
             x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: x[idx])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *,
@@ -229,15 +229,8 @@ def main(argv=None) -> None:
         fail("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
 
     def go():
-        from train import xla_flags
-        xla_flags.apply()
-        import absl.logging
-        import jax
-        absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax's read-only notices
+        is_main = start_tool(user)
         from train.load import find_tokenizer, load
-        from train.loop import enable_compile_cache, start_processes
-        start_processes(user)
-        enable_compile_cache(user.compile_cache_dir)
         loaded = load(args.checkpoint, user, args.overrides)
         tok = find_tokenizer(loaded, args.tokenizer)
         encode = getattr(tok, "encode_prompts", tok.encode_batch)
@@ -251,7 +244,7 @@ def main(argv=None) -> None:
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         except ValueError as e:
             fail(str(e))
-        if jax.process_index() != 0:
+        if not is_main:
             return
         for i, (text, new, done) in enumerate(zip(prompts, out.tokens, out.finished)):
             print(f"--- {i}: {len(new)} new tokens{' (EOS)' if done else ''}")
