@@ -4,10 +4,13 @@ against the parameter-size math."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, cli_env, run_cli
+from train import topology
 
 TINY = ["--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null"]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -113,3 +116,36 @@ def test_bad_topology_and_mismatched_mesh_are_one_line_errors():
         assert expected in errors[0]
         if "v9" in expected:
             assert "v5p-64" in errors[0] and "v5e-256" in errors[0]
+
+
+@pytest.mark.parametrize("name, wrap", [
+    # Cloud TPU's slices: v4/v5p tori when every dimension is a multiple of 4 (whole
+    # cubes), meshes below; v5e/v6e rings along a dimension of the pod's full 16 chips
+    ("v5e-256", (True, True, False)), ("v6e:8x16", (False, True, False)),
+    ("v5e:8x8", (False, False, False)), ("v5e:2x2", (False, False, False)),
+    ("v5p-128", (True, True, True)), ("v4:4x4x12", (True, True, True)),
+    ("v5p-64", (False, False, False)), ("v4-8", (False, False, False)),
+])
+def test_topology_wraparound_links(name, wrap):
+    assert topology.parse(name).wrap == wrap
+
+
+@needs_libtpu
+def test_topology_devices_carry_the_wraparound():
+    """The described slice is the torus, not a mesh of the same shape (libtpu runs in a
+    child process: it takes a machine-wide lock the other pre-flight tests need)."""
+    code = """
+import sys
+from jax.experimental import topologies
+from train import topology
+def proto(devs):
+    from jax._src.lib import _jax
+    return _jax.get_topology_for_devices(devs).serialize()
+ours = proto(topology.devices(topology.parse("v5e-256")))
+for wrap in [(True, True, False), (False, False, False)]:
+    print(ours == proto(topologies.get_topology_desc("v5e:16x16", "tpu", wrap=wrap).devices))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "False"]

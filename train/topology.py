@@ -33,6 +33,7 @@ GENERATIONS = {
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
             256: "16x16"}
+POD_SIDE_2D = 16  # a v5e/v6e pod is 16 x 16 chips
 GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
             256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 
@@ -55,6 +56,19 @@ class Topology:
     @property
     def libtpu_name(self) -> str:
         return f"{self.generation.name}:{self.grid}"
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Which grid dimensions close into rings (wraparound links), as on the real slice:
+        v4/v5p slices whose every dimension is a multiple of 4 (whole 4x4x4 cubes) are 3-D
+        tori, smaller ones meshes; on v5e/v6e a dimension spanning the pod's full side (16
+        chips) wraps. The compiler routes collectives (all-to-alls above all) by these
+        links, so a slice described without them compiles to other code, more slowly."""
+        dims = [int(x) for x in self.grid.split("x")]
+        if self.generation.dims == 3:
+            torus = all(d % 4 == 0 for d in dims)
+            return (torus, torus, torus)
+        return (dims[0] == POD_SIDE_2D, dims[1] == POD_SIDE_2D, False)
 
 
 def parse(name: str) -> Topology:
@@ -88,7 +102,8 @@ def devices(topology: Topology, slices: int = 1) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's warnings
     try:
         from jax.experimental import topologies
-        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", num_slices=slices)
+        desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", num_slices=slices,
+                                            wrap=topology.wrap)
     except Exception as e:  # noqa: BLE001 - libtpu missing or the name unsupported
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = (" (install the TPU extra: pip install -e '.[tpu]')"
