@@ -24,15 +24,18 @@ def no_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array
 
 
 def norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: float) -> jax.Array:
-    """LayerNorm when a bias is given (GPT-2), RMSNorm otherwise (Llama); fp32 inside."""
+    """LayerNorm when a bias is given (GPT-2), RMSNorm otherwise (Llama); statistics in
+    fp32. Each applies its weights as the Hugging Face original does: LayerNorm's scale
+    and bias in fp32, RMSNorm's scale in the compute dtype (Llama's `weight *
+    hidden.to(input_dtype)`), so in bf16 an RMSNorm scale's gradient is also summed, and
+    reduced across devices, in bf16 (MaxText's traffic; fp32 would double it)."""
     x = x_BTD.astype(jnp.float32)
-    if bias_D is not None:
-        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    if bias_D is None:
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+        return x.astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    x = x * scale_D.astype(jnp.float32)
-    if bias_D is not None:
-        x = x + bias_D.astype(jnp.float32)
-    return x.astype(x_BTD.dtype)
+    return (x * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:

@@ -207,3 +207,38 @@ def test_embed_equals_take_then_cast_with_its_gradient(dtype):
     np.testing.assert_array_equal(jax.jit(ours)(table_VD), jax.jit(plain)(table_VD))
     np.testing.assert_array_equal(jax.jit(jax.grad(ours))(table_VD),
                                   jax.jit(jax.grad(plain))(table_VD))
+
+
+def test_norms_apply_their_weights_as_hugging_face_does():
+    """RMSNorm (Llama): statistics in fp32, then `weight * hidden.to(bf16)` in bf16, as
+    transformers' LlamaRMSNorm; LayerNorm (GPT-2): the affine part in fp32, rounded once.
+    Against numpy, bit for bit in bf16; the scale's gradient keeps the parameter's dtype."""
+    from models.layers import norm
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    scale, bias = (1 + 0.1 * rng.normal(size=64)).astype(np.float32), rng.normal(size=64)
+    bias = bias.astype(np.float32)
+    bf16 = jnp.bfloat16
+    x16 = np.asarray(jnp.asarray(x, bf16)).astype(np.float32)  # the bf16 input, exactly
+    eps = 1e-5
+
+    rms = (x16 / np.sqrt(np.mean(x16 ** 2, -1, keepdims=True) + eps)).astype(np.float32)
+    want = np.asarray(jnp.asarray(rms, bf16)) * np.asarray(jnp.asarray(scale, bf16))
+    got = norm(jnp.asarray(x, bf16), jnp.asarray(scale), None, eps)
+    assert got.dtype == bf16
+    np.testing.assert_array_equal(np.asarray(got), want)  # bf16 * bf16, rounded once
+    applied_in_fp32 = np.asarray(jnp.asarray(rms * scale, bf16))
+    assert (np.asarray(got) != applied_in_fp32).any()  # the test tells the two apart
+
+    centred = x16 - x16.mean(-1, keepdims=True)
+    ln = centred / np.sqrt(np.mean(centred ** 2, -1, keepdims=True) + eps)
+    want = np.asarray(jnp.asarray(ln * scale + bias, bf16)).astype(np.float32)
+    got = norm(jnp.asarray(x, bf16), jnp.asarray(scale), jnp.asarray(bias), eps)
+    np.testing.assert_allclose(np.asarray(got).astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    assert (np.asarray(got).astype(np.float32) == want).mean() > 0.95
+
+    g = jax.grad(lambda s: norm(jnp.asarray(x, bf16), s, None, eps).astype(
+        jnp.float32).sum())(jnp.asarray(scale))
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.asarray(rms, bf16)).astype(
+        np.float32).sum((0, 1)), rtol=2e-2, atol=5e-2)  # summed in bf16: 10 terms
