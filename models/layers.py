@@ -55,13 +55,18 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: jax.Array) -> jax.Array:
-    """Rotary embedding, half-split layout (as Hugging Face Llama)."""
+    """Rotary embedding, half-split layout, as transformers' Llama applies it:
+    x * cos + rotate_half(x) * sin, angles in fp32, cos and sin cast to x's dtype (a bf16
+    model rotates in bf16, as Hugging Face and MaxText do; an fp32 one in fp32, bit for bit
+    the explicit rotation). Rotating bf16 activations in fp32 rounded once instead of at
+    each step, before q and k are rounded to bf16 anyway, and its conversions cost the
+    TPU compiler ~4 s per Llama-3-8B step (docs/preflight.md)."""
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
-    cos = jnp.cos(angle_BTh)[:, :, None, :]
-    sin = jnp.sin(angle_BTh)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
+    angle_BTH = jnp.concatenate([angle_BTh, angle_BTh], axis=-1)
+    cos_BT1H = jnp.cos(angle_BTH)[:, :, None, :].astype(x_BTNH.dtype)
+    sin_BT1H = jnp.sin(angle_BTH)[:, :, None, :].astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    return x_BTNH * cos_BT1H + jnp.concatenate([-x2, x1], axis=-1) * sin_BT1H
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -242,3 +242,32 @@ def test_norms_apply_their_weights_as_hugging_face_does():
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.asarray(rms, bf16)).astype(
         np.float32).sum((0, 1)), rtol=2e-2, atol=5e-2)  # summed in bf16: 10 terms
+
+
+def test_rope_is_the_rotation_exactly_in_fp32_and_within_rounding_in_bf16():
+    """x * cos + rotate_half(x) * sin (transformers' form) against the explicit rotation
+    of each (i, i + H/2) pair by position * theta^(-2i/H), computed in float64."""
+    from models.layers import rope
+    rng = np.random.default_rng(0)
+    B, T, N, H = 2, 11, 3, 16
+    x = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    positions = rng.integers(0, 4096, size=(B, T)).astype(np.int32)
+    inv = (1.0 / 10000.0 ** (np.arange(H // 2) / (H // 2))).astype(np.float32)
+    angle = positions[..., None, None].astype(np.float64) * inv.astype(np.float64)
+    x1, x2 = x[..., :H // 2].astype(np.float64), x[..., H // 2:].astype(np.float64)
+    want = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                           x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+    got = rope(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(inv))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-3)  # fp32 angles
+    a32 = jnp.asarray(positions)[..., None, None].astype(jnp.float32) * jnp.asarray(inv)
+    c, s = jnp.cos(a32), jnp.sin(a32)
+    explicit = jnp.concatenate([x1.astype(np.float32) * c - x2.astype(np.float32) * s,
+                                x2.astype(np.float32) * c + x1.astype(np.float32) * s], -1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(explicit))  # fp32: exact
+    got16 = rope(jnp.asarray(x, jnp.bfloat16), jnp.asarray(positions), jnp.asarray(inv))
+    assert got16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got16).astype(np.float64) - want)
+    assert err.max() < 0.05 and err.mean() < 0.01  # bf16: 8 bits of mantissa
+    # the two halves are rotated as pairs: the norm of each (i, i + H/2) pair is kept
+    pair = lambda a: np.hypot(a[..., :H // 2], a[..., H // 2:])
+    np.testing.assert_allclose(pair(np.asarray(got)), pair(x), rtol=1e-5)
