@@ -138,12 +138,12 @@ def test_topology_devices_carry_the_wraparound():
 import sys
 from jax.experimental import topologies
 from train import topology
-def proto(devs):
+def fingerprint(devs):
     from jax._src.lib import _jax
-    return _jax.get_topology_for_devices(devs).serialize()
-ours = proto(topology.devices(topology.parse("v5e-256")))
+    return _jax.get_topology_for_devices(devs).fingerprint()
+ours = fingerprint(topology.devices(topology.parse("v5e-256")))
 for wrap in [(True, True, False), (False, False, False)]:
-    print(ours == proto(topologies.get_topology_desc("v5e:16x16", "tpu", wrap=wrap).devices))
+    print(ours == fingerprint(topologies.get_topology_desc("v5e:16x16", "tpu", wrap=wrap).devices))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
                           capture_output=True, text=True, timeout=300)
