@@ -30,11 +30,11 @@ def norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None, eps: fl
     hidden.to(input_dtype)`), so in bf16 an RMSNorm scale's gradient is also summed, and
     reduced across devices, in bf16 (MaxText's traffic; fp32 would double it)."""
     x = x_BTD.astype(jnp.float32)
-    if bias_D is None:
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-        return x.astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    if bias_D is not None:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    if bias_D is None:
+        return x.astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
     return (x * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
@@ -61,10 +61,11 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: jax.Array) -> j
     the explicit rotation). Rotating bf16 activations in fp32 rounded once instead of at
     each step, before q and k are rounded to bf16 anyway, and its conversions cost the
     TPU compiler ~4 s per Llama-3-8B step (docs/preflight.md)."""
-    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
-    angle_BTH = jnp.concatenate([angle_BTh, angle_BTh], axis=-1)
-    cos_BT1H = jnp.cos(angle_BTH)[:, :, None, :].astype(x_BTNH.dtype)
-    sin_BT1H = jnp.sin(angle_BTH)[:, :, None, :].astype(x_BTNH.dtype)
+    angle_BT1h = (positions_BT[..., None].astype(jnp.float32) * inv_freq_h)[:, :, None, :]
+    cos_BT1h = jnp.cos(angle_BT1h).astype(x_BTNH.dtype)
+    sin_BT1h = jnp.sin(angle_BT1h).astype(x_BTNH.dtype)
+    cos_BT1H = jnp.concatenate([cos_BT1h, cos_BT1h], axis=-1)
+    sin_BT1H = jnp.concatenate([sin_BT1h, sin_BT1h], axis=-1)
     x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
     return x_BTNH * cos_BT1H + jnp.concatenate([-x2, x1], axis=-1) * sin_BT1H
 

@@ -135,7 +135,6 @@ def test_topology_devices_carry_the_wraparound():
     """The described slice is the torus, not a mesh of the same shape (libtpu runs in a
     child process: it takes a machine-wide lock the other pre-flight tests need)."""
     code = """
-import sys
 from jax.experimental import topologies
 from train import topology
 def fingerprint(devs):

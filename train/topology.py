@@ -33,9 +33,9 @@ GENERATIONS = {
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
             256: "16x16"}
-POD_SIDE_2D = 16  # a v5e/v6e pod is 16 x 16 chips
 GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
             256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+POD_SIDE_2D = 16  # a v5e/v6e pod is 16 x 16 chips
 
 
 def known() -> list[str]:
