@@ -7,11 +7,13 @@
 #   /tmp/vmax/bin/pip install --no-deps -e .        # ours, into the same environment
 #   PY=/tmp/vmax/bin/python bash scripts/preflight_vs_maxtext.sh [repeats]
 #
+# CASES="7b" (or "8b") runs one case only; both by default.
 # TPU_LIBRARY_PATH=/path/to/libtpu.so selects another libtpu for both tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python}"
 REPEATS="${1:-1}"
+CASES="${CASES:-7b 8b}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ours() {  # case topology config batch
     "$PY" -m train.compile --config "configs/$3" --topology "$2" mesh.data=1 mesh.fsdp=-1 \
@@ -36,8 +38,12 @@ print(f\"maxtext  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory \"
       f\"{r['total_gib']:6.2f} GiB  collectives {r['collectives_gib']:8.4f} GiB\")" "$1"
 }
 for _ in $(seq "$REPEATS"); do
-    maxtext 7b/v5p-64 v5p-64 llama2-7b 4 attention=dot_product
-    ours 7b/v5p-64 v5p-64 llama2-7b.yaml 128
-    maxtext 8b/v5e-256 v5e-256 llama3.1-8b 2
-    ours 8b/v5e-256 v5e-256 llama-8b.yaml 512
+    if [[ " $CASES " == *" 7b "* ]]; then
+        maxtext 7b/v5p-64 v5p-64 llama2-7b 4 attention=dot_product
+        ours 7b/v5p-64 v5p-64 llama2-7b.yaml 128
+    fi
+    if [[ " $CASES " == *" 8b "* ]]; then
+        maxtext 8b/v5e-256 v5e-256 llama3.1-8b 2
+        ours 8b/v5e-256 v5e-256 llama-8b.yaml 512
+    fi
 done

@@ -123,3 +123,56 @@ def test_multiline_instruction_does_not_end_its_computation():
     rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
     assert rows[("collective-permute", "fsdp")] == (15 * 32, 15)
     assert unknown == 0
+
+
+UNROLLED_HLO = """HloModule unrolled
+
+%cond (p: (u32[], bf16[4])) -> pred[] {
+  %p = (u32[], bf16[4]) parameter(0)
+  %limit = u32[]{:T(128)} constant(16)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body2 (p: (u32[], bf16[4])) -> (u32[], bf16[4]) {
+  %p = (u32[], bf16[4]) parameter(0)
+  %two = u32[]{:T(128)} constant(2)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %x = bf16[4]{0} get-tuple-element(%p), index=1
+  %cp = bf16[4]{0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %next = u32[]{:T(128)} add(%i, %two)
+  ROOT %t = (u32[], bf16[4]) tuple(%next, /*index=1*/%cp)
+}
+
+%body1 (p: (u32[], bf16[4])) -> (u32[], bf16[4]) {
+  %p = (u32[], bf16[4]) parameter(0)
+  %one = u32[]{:T(128)} constant(1)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %x = bf16[4]{0} get-tuple-element(%p), index=1
+  %ag = bf16[4]{0} all-gather(%x), channel_id=2, replica_groups=[2,2]<=[4], dimensions={0}
+  %next = u32[]{:T(128)} add(%i, %one)
+  ROOT %t = (u32[], bf16[4]) tuple(%next, %ag)
+}
+
+ENTRY %main (a: bf16[4]) -> bf16[4] {
+  %a = bf16[4]{0} parameter(0)
+  %zero = u32[]{:T(128)} constant(0)
+  %ten = u32[]{:T(128)} constant(10)
+  %t0 = (u32[], bf16[4]) tuple(%zero, %a)
+  %t1 = (u32[], bf16[4]) tuple(%ten, %a)
+  %w2 = (u32[], bf16[4]) while(%t0), condition=%cond, body=%body2
+  %w1 = (u32[], bf16[4]) while(%t1), condition=%cond, body=%body1
+  ROOT %r = bf16[4]{0} copy(%a)
+}
+"""
+
+
+def test_trip_counts_of_loops_without_a_known_count():
+    """The TPU compiler unrolls its windowed-einsum loops by two (`i += 2` while `i < 16`:
+    8 trips, not 16) and leaves them without a known_trip_count; a loop may also start
+    past zero (i = 10 while i < 16: 6 trips)."""
+    items, unknown = collectives(UNROLLED_HLO, MESH)
+    assert unknown == 0
+    rows = {r["op"]: (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
+    assert rows["collective-permute"] == (8 * 8, 8)  # 4 bf16 = 8 B, 8 trips
+    assert rows["all-gather"] == (6 * 8, 6)

@@ -3,7 +3,8 @@
 Each collective counts its result bytes (per device) times how often it runs in one
 step: scanned layers appear once in the HLO, inside a while loop, so an op's count is
 the product of the trip counts of the loops around it. Trip counts come from the loop's
-`known_trip_count`, else from its condition (`i < N`). Replica groups are mapped back to
+`known_trip_count`, else from the loop itself (`i < N`, the step of i, its start).
+Replica groups are mapped back to
 the mesh axes they span.
 
 The TPU compiler splits one collective into a chain of fusions that overlap it with
@@ -65,20 +66,56 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+def _definition(lines: list[str], name: str) -> str:
+    return next((l for l in lines if re.match(rf"\s*(?:ROOT\s+)?%?{re.escape(name)}\s*=", l)),
+                "")
+
+
+def _operands(line: str, op: str) -> list[str]:
+    m = re.search(rf"\s{op}\(([^)]*)\)", re.sub(r"/\*[^*]*\*/", "", line))
+    return [a.strip().lstrip("%") for a in m.group(1).split(",")] if m else []
+
+
+def _constant(lines: list[str], name: str) -> int | None:
+    m = re.search(r"[su]\d+\[\]\S*\s+constant\((-?\d+)\)", _definition(lines, name))
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(lines: list[str], name: str) -> int | None:
+    m = re.search(r"get-tuple-element\(.*\),\s*index=(\d+)", _definition(lines, name))
+    return int(m.group(1)) if m else None
+
+
+def trip_count(line: str, comps: dict[str, list[str]], caller: list[str] = ()) -> int | None:
+    """A while loop's trip count: XLA's `known_trip_count`, else read from the loop
+    itself: `i < N` in its condition, `i + step` in its body (unrolled loops step by
+    more than one) and i's initial value in the caller (0 when it is not a constant)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
     if m:
         return int(m.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", line)
-    body = comps.get(cond.group(1), []) if cond else []
-    root = next((l for l in body if "ROOT" in l and "compare(" in l), "")
-    constants = dict(re.findall(r"%?([\w.\-]+)\s*=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)",
-                                "\n".join(body)))
-    if "direction=LT" in root:
-        for name, value in constants.items():
-            if f"%{name}" in root or f" {name}" in root:
-                return int(value)
-    return None
+    cond_lines = comps.get(cond.group(1), []) if cond else []
+    root = next((l for l in cond_lines if "ROOT" in l and " compare(" in l), "")
+    if "direction=LT" not in root:
+        return None
+    lhs, rhs = (_operands(root, "compare") + ["", ""])[:2]
+    limit, index = _constant(cond_lines, rhs), _tuple_index(cond_lines, lhs)
+    if limit is None:
+        return None
+    step, start = 1, 0
+    body = re.search(r"body=%?([\w.\-]+)", line)
+    body_lines = comps.get(body.group(1), []) if body else []
+    out = next((l for l in body_lines if "ROOT" in l and " tuple(" in l), "")
+    if index is not None and index < len(_operands(out, "tuple")):
+        update = _definition(body_lines, _operands(out, "tuple")[index])
+        if " add(" in update:
+            a, b = (_operands(update, "add") + ["", ""])[:2]
+            if _tuple_index(body_lines, a) == index and _constant(body_lines, b):
+                step = _constant(body_lines, b)
+        init = _definition(caller, (_operands(line, "while") + [""])[0])
+        if " tuple(" in init and index < len(_operands(init, "tuple")):
+            start = _constant(caller, _operands(init, "tuple")[index]) or 0
+    return max(0, -(-(limit - start) // step))
 
 
 def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
@@ -89,7 +126,7 @@ def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int]
     for name, lines in comps.items():
         for line in lines:
             if re.search(r"\swhile\(", line):
-                n = trip_count(line, comps)
+                n = trip_count(line, comps, lines)
                 unknown += n is None
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 calls[name].append((body, n or 1))
