@@ -1,12 +1,17 @@
 """Sharded == unsharded: the same loss, gradients and training trajectory on every mesh."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
 from conftest import small_config
+from models import layers
+from sharding.partition import ActivationSharding
 from train.data import Batches
 from train.state import build_state
 from train.step import compute_grads, jit_train_step
@@ -80,3 +85,40 @@ def test_splash_attention_sharded(devices):
     scale = max(np.abs(ref).max() for ref in ref_grads)
     for g, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+def all_eqns(jaxpr):
+    """A jaxpr's equations, with those of the jaxprs nested in them."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                yield from all_eqns(inner)
+
+
+def test_weight_gradients_go_straight_to_the_parameter_layout(devices):
+    """A gathered weight's gradient is constrained to the parameter's (FSDP-sharded)
+    layout only, never to the gathered one (autodiff's transpose of the gather, which
+    makes the partitioner all-reduce the whole gradient before slicing it); its value is
+    the gradient of the plain cast."""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "model": 1}, devices=devices)
+    constrain = ActivationSharding.create(mesh, sharding.make_rules("fsdp", mesh.axis_names))
+    w_DF = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32)
+    x_BD = jax.random.normal(jax.random.key(1), (16, 64), jnp.float32)
+
+    def loss(w_DF, cast):
+        w = cast(w_DF)
+        return jnp.sum(jnp.sin(x_BD.astype(jnp.bfloat16) @ w).astype(jnp.float32))
+
+    gathered = functools.partial(layers.for_compute, axes=("embed", "mlp"),
+                                 dtype=jnp.bfloat16, constrain=constrain)
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, cast=gathered)))(w_DF)
+    specs = [tuple(e.params["sharding"].spec) for e in all_eqns(jaxpr.jaxpr)
+             if e.primitive.name == "sharding_constraint"]
+    # forward: the cast weight sharded, then gathered; backward: the gradient sharded
+    assert specs == [("fsdp", None), (None, None), ("fsdp", None)]
+    grad = jax.jit(jax.grad(functools.partial(loss, cast=gathered)))(w_DF)
+    ref = jax.grad(loss)(w_DF, lambda w: w.astype(jnp.bfloat16))
+    assert grad.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(ref))
