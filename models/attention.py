@@ -26,7 +26,10 @@ def dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     logits and attention scores that a softmax reads in fp32. The backward matmuls also
     run in the inputs' dtype (the fp32 cotangent is rounded to it first; fp32
     accumulation), as flash-attention kernels do: without this, bf16 inputs meet an
-    fp32 cotangent and XLA runs both backward matmuls in fp32 (2x slower on CPUs)."""
+    fp32 cotangent and XLA runs both backward matmuls in fp32 (2x slower on CPUs).
+    b's gradient (the head weight's, for logits) comes out of the matmul in b's dtype,
+    so when its contraction is sharded (FSDP) the partial sums are reduced in bf16, as
+    every other weight gradient is, not in fp32 (twice the traffic)."""
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
@@ -39,7 +42,7 @@ def _dot_f32_bwd(spec, residuals, g):
     (in_a, in_b), out = spec.split("->")[0].split(","), spec.split("->")[1]
     g_a, g_b = g.astype(a.dtype), g.astype(b.dtype)
     da = jnp.einsum(f"{out},{in_b}->{in_a}", g_a, b, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{out},{in_a}->{in_b}", g_b, a, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{out},{in_a}->{in_b}", g_b, a)
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
