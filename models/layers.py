@@ -108,25 +108,26 @@ def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Cons
     FSDP-sharded "embed" axis, once per use (the TPU compiler otherwise streams a weight
     through collective-permute rings once per matmul that reads it).
 
-    Its gradient goes straight to the parameter's layout: the matmul's partial sums are
-    reduce-scattered. (Autodiff would transpose the gather's constraint into one on the
-    gradient, which makes the partitioner all-reduce the whole gradient on every device
-    and then keep a slice: twice the traffic.)"""
-    return _gathered(w, tuple(axes), jnp.dtype(dtype), constrain)
+    Its gradient goes straight to the parameter's layout, so the partitioner can
+    reduce-scatter the matmul's partial sums (the TPU compiler does on v5p). Autodiff
+    would transpose the gather's constraint into one on the gradient, which makes the
+    partitioner all-reduce the whole gradient on every device and then keep a slice:
+    twice the traffic (docs/preflight.md, item 9)."""
+    return _gathered(w, tuple(axes), jnp.dtype(dtype), constrain, w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _gathered(w, axes, dtype, constrain):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gathered(w, axes, dtype, constrain, param_dtype):
     w = constrain(w.astype(dtype), axes)
     return constrain(w, tuple(None if a == "embed" else a for a in axes))
 
 
-def _gathered_fwd(w, axes, dtype, constrain):
-    return _gathered(w, axes, dtype, constrain), jnp.zeros((0,), w.dtype)
+def _gathered_fwd(w, axes, dtype, constrain, param_dtype):
+    return _gathered(w, axes, dtype, constrain, param_dtype), None
 
 
-def _gathered_bwd(axes, dtype, constrain, empty_of_w_dtype, g):
-    return (constrain(g, axes).astype(empty_of_w_dtype.dtype),)
+def _gathered_bwd(axes, dtype, constrain, param_dtype, residuals, g):
+    return (constrain(g, axes).astype(param_dtype),)
 
 
 _gathered.defvjp(_gathered_fwd, _gathered_bwd)

@@ -4,8 +4,7 @@ Each collective counts its result bytes (per device) times how often it runs in 
 step: scanned layers appear once in the HLO, inside a while loop, so an op's count is
 the product of the trip counts of the loops around it. Trip counts come from the loop's
 `known_trip_count`, else from the loop itself (`i < N`, the step of i, its start).
-Replica groups are mapped back to
-the mesh axes they span.
+Replica groups are mapped back to the mesh axes they span.
 
 The TPU compiler splits one collective into a chain of fusions that overlap it with
 compute (an async-collective-start, continuations, a done), each holding a copy of the
