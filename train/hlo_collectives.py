@@ -101,19 +101,19 @@ def trip_count(line: str, comps: dict[str, list[str]], caller: list[str] = ()) -
     limit, index = _constant(cond_lines, rhs), _tuple_index(cond_lines, lhs)
     if limit is None:
         return None
-    step, start = 1, 0
     body = re.search(r"body=%?([\w.\-]+)", line)
     body_lines = comps.get(body.group(1), []) if body else []
     out = next((l for l in body_lines if "ROOT" in l and " tuple(" in l), "")
-    if index is not None and index < len(_operands(out, "tuple")):
-        update = _definition(body_lines, _operands(out, "tuple")[index])
-        if " add(" in update:
-            a, b = (_operands(update, "add") + ["", ""])[:2]
-            if _tuple_index(body_lines, a) == index and _constant(body_lines, b):
-                step = _constant(body_lines, b)
-        init = _definition(caller, (_operands(line, "while") + [""])[0])
-        if " tuple(" in init and index < len(_operands(init, "tuple")):
-            start = _constant(caller, _operands(init, "tuple")[index]) or 0
+    next_values = _operands(out, "tuple")
+    init = _definition(caller, (_operands(line, "while") + [""])[0])
+    init_values = _operands(init, "tuple") if " tuple(" in init else []
+    step, start = 1, 0
+    if index is not None and index < len(next_values):
+        a, b = (_operands(_definition(body_lines, next_values[index]), "add") + ["", ""])[:2]
+        if _tuple_index(body_lines, a) == index:
+            step = max(_constant(body_lines, b) or 1, 1)
+    if index is not None and index < len(init_values):
+        start = _constant(caller, init_values[index]) or 0
     return max(0, -(-(limit - start) // step))
 
 
