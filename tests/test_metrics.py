@@ -49,3 +49,25 @@ def test_gpu_flags_added_without_overriding_the_users():
     assert with_gpu_flags("--xla_force_host_platform_device_count=8") == (
         "--xla_force_host_platform_device_count=8 "
         "--xla_gpu_enable_latency_hiding_scheduler=true")
+
+
+def test_a_steps_row_is_logged_before_its_checkpoint(tmp_path, devices, monkeypatch):
+    """The step time of a checkpointed step (the last one always is) must not include
+    the checkpoint write: its row is logged before the save starts."""
+    import train.loop
+    from conftest import small_config
+
+    logged_at_save = {}
+    save = train.loop.Checkpoints.save
+
+    def recording_save(self, step, *args, **kwargs):
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        logged_at_save[step] = [json.loads(line)["step"] for line in lines]
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train.loop.Checkpoints, "save", recording_save)
+    cfg = small_config(f"output_dir={tmp_path / 'run'}", "train.steps=4",
+                       "checkpoint.every_steps=2", "train.log_every=1")
+    rows = train.loop.run(cfg)
+    assert logged_at_save == {2: [1, 2], 4: [1, 2, 3, 4]}
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]

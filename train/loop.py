@@ -183,10 +183,21 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
     profiler = StepProfiler(cfg.profile.start_step, cfg.profile.steps,
                             f"{out_dir.rstrip('/')}/tensorboard", log)
 
-    def flush() -> list[dict]:
+    rows: list[dict] = []
+    bar = tqdm(total=steps, initial=start, disable=None if is_main else True,
+               dynamic_ncols=True, desc="train", file=sys.stdout)
+
+    def flush() -> None:
+        """Log the pushed steps: metrics.jsonl, TensorBoard, and the console."""
         new_rows = metrics.flush()
         board.write(new_rows)
-        return new_rows
+        for row in new_rows:
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+            if is_main and not bar.disable:
+                bar.write(format_row(row))
+            elif is_main:
+                log.info(format_row(row))
 
     def save(step: int) -> None:
         meta = {"step": step, "data": batches.position(step)}
@@ -195,9 +206,6 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
     # Loop: metrics and the non-finite flag are read one step late, so the host never
     # stalls the device; checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
     preempted = SigtermFlag(ckpts)
-    rows: list[dict] = []
-    bar = tqdm(total=steps, initial=start, disable=None if is_main else True,
-               dynamic_ncols=True, desc="train", file=sys.stdout)
     metrics.start(start)
     previous = None  # (step, metrics) of the step before the one just dispatched
     every = cfg.checkpoint.every_steps
@@ -207,13 +215,7 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
         profiler.after(step, state)
         if previous is not None:
             check_finite(cfg, *previous, ckpts)
-        for row in flush():
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
-            if is_main and not bar.disable:
-                bar.write(format_row(row))
-            elif is_main:
-                log.info(format_row(row))
+        flush()
         eval_metrics = evaluate(step, state)
         if step % cfg.train.log_every == 0 or step == steps or eval_metrics:
             metrics.push(step, {**step_metrics, **eval_metrics})
@@ -222,11 +224,11 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
         stop = preempted(step)
         if (every and step % every == 0) or step == steps or stop:
             check_finite(cfg, step, step_metrics, ckpts)  # never save past a bad step
+            flush()  # the step's row is timed and logged before its checkpoint is written
             save(step)
         if stop:
             profiler.stop(state)
             ckpts.wait()
-            rows.extend(flush())
             board.close()
             bar.close()
             log.info("preempted (SIGTERM): saved step %d to %s; rerun the same command to "
@@ -234,14 +236,11 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
             ckpts.close()
             raise Preempted()
     profiler.stop(state)
-    check_finite(cfg, *previous, ckpts)
-    rows.extend(flush())
     board.close()
     bar.close()
     ckpts.wait()
     ckpts.close()
     if is_main and rows:
-        log.info(format_row(rows[-1]))
         log.info("done: %d steps, final loss %.4f, metrics in %s", steps, rows[-1]["loss"],
                  f"{out_dir.rstrip('/')}/metrics.jsonl")
     return rows
