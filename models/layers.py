@@ -210,16 +210,45 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     return attention_out(p, out_BTNH, constrain)
 
 
+# SwiGLU's activation silu(gate) * up, computed in fp32 and rounded once to the compute
+# dtype (a bf16 chain rounds after every op; on CPUs each op is wrapped in converts). The
+# backward keeps only the bf16 inputs and works in fp32 too.
+@jax.custom_vjp
+def swiglu_f32(gate_BTF: jax.Array, up_BTF: jax.Array) -> jax.Array:
+    f32 = jnp.float32
+    return (jax.nn.silu(gate_BTF.astype(f32)) * up_BTF.astype(f32)).astype(gate_BTF.dtype)
+
+
+def _swiglu_fwd(gate_BTF, up_BTF):
+    return swiglu_f32(gate_BTF, up_BTF), (gate_BTF, up_BTF)
+
+
+def _swiglu_bwd(res, d_BTF):
+    gate_BTF, up_BTF = res
+    g, u, d = (x.astype(jnp.float32) for x in (gate_BTF, up_BTF, d_BTF))
+    sig = jax.nn.sigmoid(g)
+    d_gate = d * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig + g sig (1 - sig)
+    return d_gate.astype(gate_BTF.dtype), (d * g * sig).astype(up_BTF.dtype)
+
+
+swiglu_f32.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.checkpoint
+def gelu_f32(up_BTF: jax.Array) -> jax.Array:
+    return jax.nn.gelu(up_BTF.astype(jnp.float32), approximate=True).astype(up_BTF.dtype)
+
+
 def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
         constrain: Constrain) -> jax.Array:
     dt = h_BTD.dtype
     if cfg.style == "gpt2":
         up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_in"].astype(dt)) + _bias(p, "in_bias", dt)
-        act_BTF = jax.nn.gelu(up_BTF, approximate=True)
+        act_BTF = gelu_f32(up_BTF)
     else:
         gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"].astype(dt))
         up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"].astype(dt))
-        act_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        act_BTF = swiglu_f32(gate_BTF, up_BTF)
     act_BTF = constrain(act_BTF, ("batch", "act_length", "act_mlp"))
     out_BTD = jnp.einsum("btf,fd->btd", act_BTF, p["w_out"].astype(dt))
     return out_BTD + _bias(p, "out_bias", dt)

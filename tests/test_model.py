@@ -271,3 +271,26 @@ def test_rope_is_the_rotation_exactly_in_fp32_and_within_rounding_in_bf16():
     # the two halves are rotated as pairs: the norm of each (i, i + H/2) pair is kept
     pair = lambda a: np.hypot(a[..., :H // 2], a[..., H // 2:])
     np.testing.assert_allclose(pair(np.asarray(got)), pair(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_activations_and_their_gradients_in_fp32(dtype):
+    """swiglu_f32 / gelu_f32 (hand-written backward / recomputed forward) against
+    autodiff of the plain fp32 formulas: equal in fp32, one rounding off in bf16."""
+    from models.layers import gelu_f32, swiglu_f32
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    gate, up, d = (4 * jax.random.normal(k, (2, 8, 64)) for k in (k1, k2, k3))
+    gate, up, d = (x.astype(dtype).astype(jnp.float32) for x in (gate, up, d))
+    want = {"swiglu": lambda g, u: jax.nn.silu(g) * u,
+            "gelu": lambda g, u: jax.nn.gelu(g, approximate=True) * 1.0}
+    got = {"swiglu": swiglu_f32, "gelu": lambda g, u: gelu_f32(g)}
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name in want:
+        out, vjp = jax.vjp(want[name], gate, up)
+        out_c, vjp_c = jax.vjp(got[name], gate.astype(dtype), up.astype(dtype))
+        assert out_c.dtype == dtype
+        np.testing.assert_allclose(np.float32(out_c), out, **tol)
+        grads, grads_c = vjp(d), vjp_c(d.astype(dtype))
+        for g, g_c in zip(grads[: 2 if name == "swiglu" else 1], grads_c):
+            assert g_c.dtype == dtype
+            np.testing.assert_allclose(np.float32(g_c), g, **tol)
