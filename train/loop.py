@@ -204,7 +204,8 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
         ckpts.save(step, state, meta, config_dict)
 
     # Loop: metrics and the non-finite flag are read one step late, so the host never
-    # stalls the device; checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
+    # stalls the device (a checkpointed step's own row is logged before its save);
+    # checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
     preempted = SigtermFlag(ckpts)
     metrics.start(start)
     previous = None  # (step, metrics) of the step before the one just dispatched
