@@ -72,6 +72,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     from train.metrics import flops_per_token, peak_flops_per_device
     from train.state import batch_sharding, build_state, check_batch_fits
     from train.step import jit_train_step
+    from train.xla_flags import compile_options
 
     mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
     check_batch_fits(cfg, mesh)
@@ -83,7 +84,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
 
     t0 = time.perf_counter()
     step = jit_train_step(shardings, {k: batch_layout for k in batches[0]})
-    compiled = step.lower(state, batches[0]).compile()
+    compiled = step.lower(state, batches[0]).compile(compile_options(shardings))
     compile_s = time.perf_counter() - t0
 
     for i in range(warmup):

@@ -51,6 +51,45 @@ def test_gpu_flags_added_without_overriding_the_users():
         "--xla_gpu_enable_latency_hiding_scheduler=true")
 
 
+def test_cpu_compile_options_leave_the_users_flags_and_other_platforms_alone(
+        devices, monkeypatch):
+    import types
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from train.xla_flags import compile_options
+    on_cpu = {"w": NamedSharding(Mesh(np.array(devices), ("x",)), PartitionSpec())}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert compile_options(on_cpu) == {"xla_backend_optimization_level": 2}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert compile_options(on_cpu) == {}  # the user's value wins
+    on_tpu = types.SimpleNamespace(device_set=[types.SimpleNamespace(platform="tpu")])
+    assert compile_options([on_tpu]) == {}
+
+
+def test_the_run_compiles_init_and_steps_with_the_cpu_options(tmp_path, devices, monkeypatch):
+    import re
+    import jax.stages
+    import train.loop
+    from conftest import small_config
+
+    seen = {}
+    compile = jax.stages.Lowered.compile
+
+    def recording_compile(self, compiler_options=None, **kwargs):
+        name = re.search(r"module @jit_(\w+)", self.as_text()).group(1)
+        seen[name] = compiler_options
+        return compile(self, compiler_options, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recording_compile)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    cfg = small_config(f"output_dir={tmp_path / 'run'}", "train.steps=1",
+                       "eval.every_steps=1", "eval.batches=1", "compile_cache_dir=null")
+    train.loop.run(cfg)
+    o2 = {"xla_backend_optimization_level": 2}
+    assert {k: seen.get(k) for k in ("init", "train_step", "eval_step")} == {
+        "init": o2, "train_step": o2, "eval_step": o2}
+
+
 def test_a_steps_row_is_logged_before_its_checkpoint(tmp_path, devices, monkeypatch):
     """The step time of a checkpointed step (the last one always is) must not include
     the checkpoint write: its row is logged before the save starts."""

@@ -21,6 +21,7 @@ from etils import epath
 from flax import nnx
 
 from train.config import CheckpointConfig
+from train.state import init_state
 
 STATE, META, CONFIG = "state", "meta", "config"
 
@@ -250,7 +251,7 @@ def start_state(cfg, ckpts: Checkpoints, init, abstract, shardings, log
     checkpoint, else checkpoint.resume_from, else a fresh sharded init. Restores go
     straight into `shardings`, whatever mesh the checkpoint was written on."""
     target = abstract_tree(abstract, shardings)
-    fresh = lambda: jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
+    fresh = lambda: init_state(init, shardings, cfg.train.seed)
     latest = ckpts.latest_step()
     if latest is not None:
         arrays, meta = ckpts.restore(latest, target)

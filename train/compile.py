@@ -46,6 +46,7 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
     from train.metrics import flops_per_token
     from train.state import plan_state
     from train.step import jit_train_step
+    from train.xla_flags import compile_options
 
     mesh = sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
     check_batch_fits(cfg, mesh)
@@ -61,7 +62,7 @@ def compile_step(cfg, devices, hbm_bytes: int | None, target: str,
     lowered = jit_train_step(shardings, {k: batch_layout for k in batch}).lower(state, batch)
     lower_seconds = time.perf_counter() - t0
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compile_options(shardings))  # as the train loop does
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

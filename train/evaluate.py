@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from train.config import Config
 from train.step import jit_eval_step
+from train.xla_flags import compile_options
 
 
 class Evaluator:
@@ -29,8 +30,9 @@ class Evaluator:
             return {}
         if self.cached is None:  # a few batches, kept on the devices between evaluations
             self.cached = [self.batches.eval_batch(i) for i in range(self.num_batches)]
-            self.fn = jit_eval_step(self.state_shardings,
-                                    {k: self.batch_sharding for k in self.cached[0]})
+            self.fn = jit_eval_step(
+                self.state_shardings, {k: self.batch_sharding for k in self.cached[0]}
+            ).lower(state, self.cached[0]).compile(compile_options(self.state_shardings))
         loss_sum = weight = jnp.zeros((), jnp.float32)
         for batch in self.cached:
             out = self.fn(state, batch)

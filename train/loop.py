@@ -24,6 +24,7 @@ from train.profiler import StepProfiler
 from train.state import batch_sharding, check_batch_fits, plan_state
 from train.evaluate import Evaluator
 from train.step import jit_train_step
+from train.xla_flags import compile_options
 
 log = logging.getLogger("train")
 
@@ -161,7 +162,7 @@ def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
     first = batches.batch(start)
     step_fn = jit_train_step(state_shardings, {k: batch_layout for k in first})
     t0 = time.perf_counter()
-    step_fn = step_fn.lower(state, first).compile()
+    step_fn = step_fn.lower(state, first).compile(compile_options(state_shardings))
     log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     evaluate = Evaluator(cfg, batches, batch_layout, state_shardings)
 

@@ -18,6 +18,7 @@ import sharding
 from models import Transformer
 from train.config import Config, ConfigError
 from train.optimizer import make_optimizer
+from train.xla_flags import compile_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,15 @@ def build_state(cfg: Config, mesh: Mesh, rules=None) -> tuple[TrainState, Any]:
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
     init, _, shardings = plan_state(cfg, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.train.seed))
-    return state, shardings
+    return init_state(init, shardings, cfg.train.seed), shardings
+
+
+def init_state(init: Callable[[jax.Array], TrainState], shardings: Any, seed: int
+               ) -> TrainState:
+    """jit(init) with `shardings` as its output layout, run once on the seed's key."""
+    key = jax.random.key(seed)
+    init_fn = jax.jit(init, out_shardings=shardings).lower(key)
+    return init_fn.compile(compile_options(shardings))(key)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
