@@ -21,7 +21,7 @@ xla_backend_optimization_level=2
     LLVM's O2 instead of XLA's default O3 for the loops XLA generates itself. A CPU
     step spends its time in library kernels (the matmuls) and collectives, not in those
     loops, so it runs as fast while compiling faster: llama-tiny-bench on 8 fake
-    devices, init 2.0 -> 1.0 s, train step 3.3 -> 2.6 s (docs/benchmarks.md). Same
+    devices, init 2.3 -> 1.0 s, train step 3.2 -> 2.6 s (docs/benchmarks.md). Same
     initial values bit for bit; a step may round the last bit of a few elements
     differently (another vectorization of a reduction).
 """
