@@ -146,3 +146,30 @@ def test_cpu_compile_options_give_the_same_states(devices, style):
         default, default_metrics = step(default, batch)
     for a, b in zip(jax.tree.leaves((state, metrics)), jax.tree.leaves((default, default_metrics))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_nonfinite_step_leaves_the_state_as_it_was(devices):
+    """A finite step applies the optimizer's update; a step whose loss is NaN (one weight
+    matrix poisoned) changes nothing but the counters."""
+    import optax
+    cfg = small_config("train.batch_size=16")
+    state, batch = _state_and_batch(cfg, devices)
+    step = jax.jit(train_step)
+
+    _, _, grads = jax.jit(compute_grads)(state, batch)
+    updates, opt_expected = state.tx.update(grads, state.opt_state, state.params)
+    new, metrics = step(state, batch)
+    assert int(metrics["nonfinite"]) == 0 and int(new.skipped) == 0
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                    jax.tree.leaves((optax.apply_updates(state.params, updates), opt_expected))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    leaves, tree = jax.tree.flatten(state.params)
+    worst = max(range(len(leaves)), key=lambda i: leaves[i].size)
+    leaves[worst] = leaves[worst] * jnp.nan
+    poisoned = state.replace(params=jax.tree.unflatten(tree, leaves))
+    after, metrics = step(poisoned, batch)
+    assert int(metrics["nonfinite"]) == 1 and int(after.skipped) == 1 and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
+                    jax.tree.leaves((poisoned.params, poisoned.opt_state))):
+        np.testing.assert_array_equal(a, b)

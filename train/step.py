@@ -125,18 +125,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
 
     A non-finite step never reaches the parameters: its update is dropped in-graph
     (the loop then stops or goes on, per train.nonfinite), so the state, and any
-    checkpoint of it, stays the last good one.
+    checkpoint of it, stays the last good one. The update runs under `lax.cond`, not
+    as a select between the new and old state: a select is one more pass over the
+    parameters and both optimizer moments (7.5% of the tiny Llama's CPU step).
     """
     ce, z, grads = compute_grads(state, batch)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    def update(params, opt_state):
+        updates, opt_state = state.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(ok, update, lambda *old: old, state.params,
+                                     state.opt_state)
     skipped = state.skipped + (~ok).astype(jnp.int32)
-    new_state = state.replace(step=state.step + 1, skipped=skipped,
-                              params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state = state.replace(step=state.step + 1, skipped=skipped, params=params,
+                              opt_state=opt_state)
     metrics = {"loss": ce, "z_loss": z, "grad_norm": grad_norm,
                "lr": state.step_cfg.schedule(state.step), "nonfinite": (~ok).astype(jnp.int32),
                "skipped_steps": skipped}
