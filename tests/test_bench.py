@@ -34,3 +34,28 @@ def test_bench_compare_reports_every_variant_and_mfu_by_formula():
     assert summary["variant"] in ("base", "remat")
     for key in ("tokens_per_sec", "step_time_s", "compile_time_s", "mfu"):
         assert key in summary
+
+
+def test_side_by_side_script_times_the_window_and_pairs_each_repeat(monkeypatch):
+    """scripts/startup_vs_maxtext.py's arithmetic on a fake clock (no MaxText here): the
+    first step's time, the steady window from step 10 to the last step, and the summary
+    that pairs each of our runs with the MaxText run of its repeat."""
+    import re
+    monkeypatch.syspath_prepend(f"{REPO}/scripts")
+    import startup_vs_maxtext as side_by_side
+    ticks = iter(range(1000))  # the n-th reading of the clock says n**2 seconds
+    monkeypatch.setattr(side_by_side.time, "perf_counter", lambda: float(next(ticks) ** 2))
+    lines = "".join(f"noise\nstep {i} |\n" for i in range(1, 21))
+    first, steady = side_by_side.timed(
+        [sys.executable, "-c", f"print({lines!r}, end='')"], {}, re.compile(r"step (\d+) \|"),
+        REPO)
+    # t0 is reading 0, step i's line reading i: first step at 1 s, steps 10 to 20 take
+    # 400 - 100 s
+    assert first == 1.0 and steady == (400 - 100) / (20 - 10)
+    results = [("maxtext", 20.0, 0.40), ("ours cold", 8.0, 0.36), ("ours cached", 4.0, 0.44),
+               ("maxtext", 10.0, 0.50), ("ours cold", 6.0, 0.40), ("ours cached", 2.0, 0.45)]
+    cold, cached = side_by_side.summary(results).splitlines()
+    assert "first step 0.50x (0.40-0.60)" in cold
+    assert "steady s/step 0.850x (0.800-0.900), faster steady step in 2 of 2" in cold
+    assert "first step 0.20x (0.20-0.20)" in cached
+    assert "steady s/step 1.000x (0.900-1.100), faster steady step in 1 of 2" in cached
