@@ -121,7 +121,6 @@ def test_param_shardings_follow_rules(rules, devices):
     assert mu["blocks"]["wq"].get_value().sharding.spec == expected["wq"]
 
 
-
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_cpu_compile_options_give_the_same_states(devices, style):
     """The init and train step compiled with the CPU options (LLVM O2, train/xla_flags.py)
