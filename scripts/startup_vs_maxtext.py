@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import mean
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAXTEXT_ARGS = [
@@ -109,9 +110,6 @@ def summary(results: list[tuple[str, float, float]]) -> str:
             f"{sum(r < 1 for r in steady)} of {len(steady)} repeats")
     return "\n".join(lines)
 
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,8 @@
-"""scripts/bench.py on the tiny preset (a smoke test of the tool, not a timing assertion)."""
+"""The benchmark scripts: scripts/bench.py on the tiny preset (a smoke test of the tool, not
+a timing assertion) and scripts/startup_vs_maxtext.py's arithmetic."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,8 +49,8 @@ def test_side_by_side_script_times_the_window_and_pairs_each_repeat(monkeypatch)
     monkeypatch.setattr(side_by_side.time, "perf_counter", lambda: float(next(ticks) ** 2))
     lines = "".join(f"noise\nstep {i} |\n" for i in range(1, 21))
     first, steady = side_by_side.timed(
-        [sys.executable, "-c", f"print({lines!r}, end='')"], {}, re.compile(r"step (\d+) \|"),
-        REPO)
+        [sys.executable, "-c", f"print({lines!r}, end='')"], dict(os.environ),
+        re.compile(r"step (\d+) \|"), REPO)
     # t0 is reading 0, step i's line reading i: first step at 1 s, steps 10 to 20 take
     # 400 - 100 s
     assert first == 1.0 and steady == (400 - 100) / (20 - 10)
