@@ -1,12 +1,12 @@
-"""Exact causal attention computed a block of queries at a time, in plain JAX; and the
-Pallas TPU splash kernel for TPUs.
+"""Exact causal attention computed a block of queries at a time, in plain JAX; the
+Pallas TPU splash kernel for TPUs; and attention over a KV cache (generation).
 
 XLA's dot_product_attention materializes fp32 scores for every (query, key) pair:
-B x N x T x T, the largest activation of a layer at long sequences (1 GiB per chip for
-two 2,048-token sequences of Llama-3-8B). Here the queries are split into blocks of
-`block` and a loop (lax.scan, each step rematerialized in the backward pass) computes
-one block's scores at a time against all keys, so the scores held at once are
-B x N x block x T. Runs on every backend; the result equals dot_product_attention's.
+B x N x T x T, the largest activation of a layer at long sequences. Here the queries
+are split into blocks of `block` and a loop (lax.scan, each step rematerialized in the
+backward pass) computes one block's scores at a time against all keys, so the scores
+held at once are B x N x block x T. Runs on every backend; the result equals
+dot_product_attention's.
 
 Shapes: B batch, T length (queries), S length (keys), N query heads, K kv heads,
 G = N / K queries per kv head, H head size, n blocks, C = T / n queries per block.
@@ -26,7 +26,7 @@ def dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     logits and attention scores that a softmax reads in fp32. The backward matmuls also
     run in the inputs' dtype (the fp32 cotangent is rounded to it first; fp32
     accumulation), as flash-attention kernels do: without this, bf16 inputs meet an
-    fp32 cotangent and XLA runs both backward matmuls in fp32 (2x slower on CPUs).
+    fp32 cotangent and XLA runs both backward matmuls in fp32, the slow path.
     b's gradient (the head weight's, for logits) comes out of the matmul in b's dtype,
     so when its contraction is sharded (FSDP) the partial sums are reduced in bf16, as
     every other weight gradient is, not in fp32 (twice the traffic)."""
@@ -102,8 +102,10 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     sparse causal mask; grouped kv heads natively), for the arrays one device holds:
     call it inside shard_map. `interpret` runs the kernel's Python on any backend (tests).
     Same contract as blocked_attention."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as splash, splash_attention_mask as masks)
+    # imported here, where TPU runs use it: loading the Pallas TPU kernels takes every
+    # process that imports the model about half a second
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     B, T, N, H = q_BTNH.shape
     b = SPLASH_BLOCK if T % SPLASH_BLOCK == 0 else 128
@@ -121,3 +123,20 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(
             s, s)))(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT)
     return out_BNTH.transpose(0, 2, 1, 3)
+
+
+def cached_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                     slots_BT: jax.Array, pad_B: jax.Array) -> jax.Array:
+    """Each query (at cache slot slots_BT) attends to the slots from its sequence's first
+    real one (pad_B) up to its own; fp32 scores, output in q's dtype, (B, T, N, H)."""
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = dot_f32("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) / jnp.sqrt(jnp.float32(H))
+    slot_S = jnp.arange(S, dtype=jnp.int32)
+    keep_BTS = ((slot_S[None, None, :] <= slots_BT[:, :, None])
+                & (slot_S[None, None, :] >= pad_B[:, None, None]))
+    scores_BKGTS = jnp.where(keep_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)

@@ -7,13 +7,16 @@ F mlp width, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from models.attention import blocked_attention, splash_attention, splash_fits
+from models.attention import blocked_attention, cached_attention, splash_attention, splash_fits
 from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from models.cache import KVCache
 
 Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
 
@@ -58,9 +61,9 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: jax.Array) -> j
     """Rotary embedding, half-split layout, as transformers' Llama applies it:
     x * cos + rotate_half(x) * sin, angles in fp32, cos and sin cast to x's dtype (a bf16
     model rotates in bf16, as Hugging Face and MaxText do; an fp32 one in fp32, bit for bit
-    the explicit rotation). Rotating bf16 activations in fp32 rounded once instead of at
-    each step, before q and k are rounded to bf16 anyway, and its conversions cost the
-    TPU compiler ~4 s per Llama-3-8B step (docs/preflight.md)."""
+    the explicit rotation). Rotating bf16 activations in fp32 would round once instead
+    of at each step, before q and k are rounded to bf16 anyway, and its conversions
+    slow the TPU compile down (docs/preflight.md)."""
     angle_BT1h = (positions_BT[..., None].astype(jnp.float32) * inv_freq_h)[:, :, None, :]
     cos_BT1h = jnp.cos(angle_BT1h).astype(x_BTNH.dtype)
     sin_BT1h = jnp.sin(angle_BT1h).astype(x_BTNH.dtype)
@@ -81,8 +84,15 @@ def embed(table_VD: jax.Array, ids_BT: jax.Array, dtype, constrain: Constrain,
     the table is cast while still laid out as the parameter, and in the backward pass
     the bf16 cotangent is moved to the table's layout of D ("embed": split over fsdp
     by FSDP rules) before it is cast to fp32 and added up. Without this, FSDP moves the
-    fp32 cotangent (twice the bytes of the lookup's own all-to-all)."""
-    return jnp.take(table_VD.astype(dtype), ids_BT, axis=0)
+    fp32 cotangent (twice the bytes of the lookup's own all-to-all).
+
+    The looked-up rows keep the table's layout of D at first (batch and length wherever
+    the partitioner likes); the caller's constraint to the activation layout is then a
+    plain reshard. Asked to produce the batch layout from the gather itself, the
+    partitioner cannot get there when D and the batch share the fsdp axis and the
+    vocabulary is split too (FSDP x TP with data parallelism): it replicates the rows."""
+    rows_BTD = jnp.take(table_VD.astype(dtype), ids_BT, axis=0)
+    return constrain(rows_BTD, ("*", "*", table_axes[1]))
 
 
 def _embed_fwd(table_VD, ids_BT, dtype, constrain, table_axes):
@@ -185,10 +195,19 @@ def attention_out(p: Mapping[str, jax.Array], out_BTNH: jax.Array, constrain: Co
 
 def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
               positions_BT: jax.Array, constrain: Constrain,
-              segment_ids_BT: jax.Array | None = None) -> jax.Array:
+              segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None,
+              layer: int | jax.Array = 0) -> tuple[jax.Array, KVCache | None]:
     """Causal self-attention; with segment ids (packed documents), a token attends only
-    to earlier tokens of its own segment."""
+    to earlier tokens of its own segment. With a KV cache, this call's keys and values
+    are written into layer `layer` of it and the queries attend to the cached slots;
+    the updated cache is returned (None without one)."""
     q_BTNH, k_BTKH, v_BTKH = qkv(cfg, p, h_BTD, positions_BT, constrain)
+    if cache is not None:
+        cache = cache.write(layer, k_BTKH, v_BTKH, constrain)
+        k_BSKH, v_BSKH = cache.layer(layer)
+        out_BTNH = cached_attention(q_BTNH, k_BSKH, v_BSKH, cache.slots(q_BTNH.shape[1]),
+                                    cache.pad_B)
+        return attention_out(p, out_BTNH, constrain), cache
     platform = getattr(constrain, "platform", jax.default_backend())
     impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":
@@ -207,7 +226,7 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
             segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
                                                 is_causal=True, implementation=impl)
-    return attention_out(p, out_BTNH, constrain)
+    return attention_out(p, out_BTNH, constrain), None
 
 
 # SwiGLU's activation silu(gate) * up, computed in fp32 and rounded once to the compute
@@ -256,14 +275,18 @@ def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
 
 def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
           x_BTD: jax.Array, positions_BT: jax.Array,
-          segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """One pre-norm Transformer layer; `p` holds this layer's parameters."""
+          segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None,
+          layer: int | jax.Array = 0) -> tuple[jax.Array, KVCache | None]:
+    """One pre-norm Transformer layer; `p` holds this layer's parameters. Training,
+    evaluation, prefill and decode all run it; with a KV cache (the last two) it also
+    returns the cache with this layer's keys and values written in."""
     with jax.named_scope("attention"):
         h_BTD = norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm_eps)
-        x_BTD = x_BTD + attention(cfg, p, h_BTD, positions_BT, constrain, segment_ids_BT)
-        x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
+        out_BTD, cache = attention(cfg, p, h_BTD, positions_BT, constrain, segment_ids_BT,
+                                   cache, layer)
+        x_BTD = constrain(x_BTD + out_BTD, ("batch", "act_length", "act_embed"))
     with jax.named_scope("mlp"):
         h_BTD = norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm_eps)
         x_BTD = x_BTD + mlp(cfg, p, h_BTD, constrain)
         x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
-    return x_BTD
+    return x_BTD, cache

@@ -1,4 +1,6 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
+"""Choosing the next token from logits: greedy, or temperature, then top-k, then top-p
+(nucleus) on the tempered distribution, in the order of Hugging Face's logits
+processors.
 
 Shapes: B batch, V vocab.
 """
@@ -31,12 +33,20 @@ def allowed(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return keep_BV
 
 
+def processed(logits_BV: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+              ) -> jax.Array:
+    """The logits sampling draws from (fp32, -inf where a token may not be picked):
+    divided by the temperature first, then cut to the top-k, then to the top-p set of
+    the tempered probabilities, as Hugging Face's TemperatureLogitsWarper,
+    TopKLogitsWarper and TopPLogitsWarper process them in that order."""
+    scaled_BV = logits_BV.astype(jnp.float32) / temperature
+    return jnp.where(allowed(scaled_BV, top_k, top_p), scaled_BV, -jnp.inf)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int = 0,
            top_p: float = 1.0) -> jax.Array:
     """The next token (B,) int32. temperature 0: the most likely token (greedy)."""
-    logits_BV = logits_BV.astype(jnp.float32)
     if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    keep_BV = allowed(logits_BV, top_k, top_p)
-    scaled_BV = jnp.where(keep_BV, logits_BV / temperature, -jnp.inf)
-    return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits_BV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, processed(logits_BV, temperature, top_k, top_p),
+                                  axis=-1).astype(jnp.int32)

@@ -3,7 +3,8 @@
 Every parameter is an `nnx.Param` with `logical_axes` metadata; the layers' parameters
 are stacked along a leading "layers" axis so one `lax.scan` runs them all (compile time
 independent of depth). The model never sees a mesh: activations are passed through the
-`constrain` callable the caller provides, with their logical axes.
+`constrain` callable the caller provides, with their logical axes. One forward path:
+training and evaluation call it without a KV cache, prefill and decode (`extend`) with one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import head, layers
+from models.cache import KVCache, init_cache
 from models.config import ModelConfig
 from models.layers import Constrain
 
@@ -76,29 +78,33 @@ class StackedBlocks(nnx.Module):
                 for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
-                 positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
-                 ) -> jax.Array:
+                 positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Every layer on x_BTD (one `lax.scan` over the stacked parameters, or a Python
+        loop); with a KV cache, each layer writes its keys and values into it."""
         axes, dt = self.layer_axes(), jnp.dtype(cfg.dtype)
 
-        def body(p, x_BTD, positions_BT, segment_ids_BT):
+        def body(p, x_BTD, layer, cache):
             # weight matrices in the compute dtype, gathered; norm scales stay fp32
             p = {k: layers.for_compute(v, axes[k], dt, constrain) if v.ndim >= 2 else v
                  for k, v in p.items()}
-            return layers.block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT)
+            return layers.block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT,
+                                cache, layer)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
                                   prevent_cse=not cfg.scan_layers)
         params_L = self.stacked()
         if cfg.scan_layers:
-            def step(x, p):
-                return body(p, x, positions_BT, segment_ids_BT), None
-            x_BTD, _ = jax.lax.scan(step, x_BTD, params_L)
-            return x_BTD
+            def step(carry, xs):
+                return body(xs[0], carry[0], xs[1], carry[1]), None
+
+            layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x_BTD, cache), _ = jax.lax.scan(step, (x_BTD, cache), (params_L, layer_L))
+            return x_BTD, cache
         for i in range(cfg.num_layers):
-            x_BTD = body({k: v[i] for k, v in params_L.items()}, x_BTD, positions_BT,
-                         segment_ids_BT)
-        return x_BTD
+            x_BTD, cache = body({k: v[i] for k, v in params_L.items()}, x_BTD, i, cache)
+        return x_BTD, cache
 
 
 class Transformer(nnx.Module):
@@ -126,23 +132,27 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
 
-    def features(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """tokens (B, T) -> the final normalized hidden states (B, T, D) the head reads."""
+    def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+        """tokens (B, T) -> the final normalized hidden states (B, T, D) the head reads,
+        and the KV cache with these tokens written in (None without a cache). Positions
+        default to 0..T-1, or with a cache to the tokens' places in their sequences."""
         cfg, constrain = self.cfg, self.constrain
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            positions_BT = (cache.positions(T) if cache is not None else
+                            jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
         with jax.named_scope("embed"):
             x_BTD = layers.embed(self.embedding.get_value(), tokens_BT, dt, constrain)
             if cfg.style == "gpt2":
                 x_BTD = x_BTD + layers.embed(self.pos_embedding.get_value(), positions_BT,
                                              dt, constrain, ("length", "embed"))
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
-        x_BTD = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT)
+        x_BTD, cache = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT, cache)
         bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
-        return layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
+        return layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps), cache
 
     def head_weight(self) -> jax.Array:
         """The output projection (D, V), logical axes ("embed", "vocab"), param dtype."""
@@ -150,14 +160,33 @@ class Transformer(nnx.Module):
             return self.embedding.get_value().T
         return self.head.get_value()
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        x_BTD = self.features(tokens_BT, positions_BT, segment_ids_BT)
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Hidden states (B, T, D) -> fp32 logits (B, T, V)."""
         with jax.named_scope("head"):
             w_DV = self.head_weight().astype(x_BTD.dtype)
             logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV,
                                     preferred_element_type=jnp.float32)
             return self.constrain(logits_BTV, ("batch", "act_length", "act_vocab"))
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """tokens (B, T) -> logits (B, T, V) fp32."""
+        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT)[0])
+
+    def init_cache(self, batch: int, length: int, pad_B: jax.Array | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `length` tokens, whose first
+        pad_B slots are padding."""
+        return init_cache(self.cfg, batch, length, self.constrain, pad_B)
+
+    def extend(self, tokens_BT: jax.Array, cache: KVCache, *, all_logits: bool = False
+               ) -> tuple[jax.Array, KVCache]:
+        """Run tokens_BT, which go into cache slots [cache.index, cache.index + T):
+        the fp32 logits of the last position (B, V) (of every position (B, T, V) with
+        all_logits) and the cache with these tokens' keys and values written in."""
+        x_BTD, cache = self.hidden(tokens_BT, cache=cache)
+        if all_logits:
+            return self.logits(x_BTD), cache
+        return self.logits(x_BTD[:, -1:])[:, 0], cache
 
     def logsumexp_and_target(self, tokens_BT: jax.Array, targets_BT: jax.Array,
                              positions_BT: jax.Array | None = None,
@@ -165,7 +194,7 @@ class Transformer(nnx.Module):
                              ) -> tuple[jax.Array, jax.Array]:
         """What the loss needs without the full logits: logsumexp over the vocabulary and
         the target's logit, (B, T) fp32 each, computed `cfg.vocab_chunks` slices at a time."""
-        x_BTD = self.features(tokens_BT, positions_BT, segment_ids_BT)
+        x_BTD, _ = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
         with jax.named_scope("head"):
             return head.logsumexp_and_target(x_BTD, self.head_weight(), targets_BT,
                                              self.cfg.vocab_chunks, self.constrain,
@@ -185,3 +214,14 @@ def count_params(cfg: ModelConfig, *, exclude_positions: bool = True) -> int:
             continue
         total += math.prod(var.get_value().shape)
     return total
+
+
+def count_matmul_params(cfg: ModelConfig) -> int:
+    """The weights that multiply activations in a forward pass: every layer's
+    projection matrices (those with an "embed" axis) and the output head (D x V; tied
+    or not). Not counted: an untied model's input embedding (a lookup), the position
+    table, norm scales and biases."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    stacked, axes = model.blocks.stacked(), model.blocks.layer_axes()
+    blocks = sum(math.prod(v.shape) for k, v in stacked.items() if "embed" in axes[k])
+    return blocks + cfg.d_model * cfg.vocab_size

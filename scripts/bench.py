@@ -18,8 +18,8 @@ overrides (comma-separated), and prints a table; e.g.
     --compare base: cudnn:model.attention=cudnn xla:model.attention=xla \
               remat:model.remat=full bs32:train.batch_size=32
 A variant that fails (a kernel the backend lacks, out of memory) is reported and the
-others still run. Only jax, flax, optax, numpy and PyYAML are imported: no data loader,
-no checkpointing.
+others still run. No data loader and no checkpointing are imported (no Grain, no
+tensorboardX), so it runs on a bare GPU image.
 """
 
 from __future__ import annotations
@@ -31,28 +31,29 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.cli import guarded, parse, parser  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from train import cli, errors, startup  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
+from train.plan import Plan, build_state, plan  # noqa: E402
+from train.step import jit_train_step  # noqa: E402
 
 GIB = 1024 ** 3
 
 
-def synthetic_batch(cfg, sharding, seed: int) -> dict:
-    import jax
-    import numpy as np
-
-    from train.state import batch_shape
-    t = cfg.train
+def synthetic_batch(p: Plan, seed: int) -> dict:
+    t = p.cfg.train
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), np.int32)
-    shape = batch_shape(cfg)
-    return {"inputs": jax.device_put(rows[:, :-1].reshape(shape), sharding),
-            "targets": jax.device_put(rows[:, 1:].reshape(shape), sharding)}
+    rows = rng.integers(0, p.cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), np.int32)
+    return {"inputs": jax.device_put(rows[:, :-1].reshape(p.batch_shape), p.batch_sharding),
+            "targets": jax.device_put(rows[:, 1:].reshape(p.batch_shape), p.batch_sharding)}
 
 
 def peak_memory(compiled) -> tuple[float | None, str]:
     """Peak bytes in use on device 0 (GPU/TPU allocators report it); else the compiled
     program's own per-device total (arguments + outputs - aliased + temporaries)."""
-    import jax
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"], "allocator peak"
@@ -66,25 +67,14 @@ def peak_memory(compiled) -> tuple[float | None, str]:
 
 def measure(cfg, steps: int, warmup: int) -> dict:
     """Compile and time the train step of `cfg`; one dict of figures."""
-    import jax
-    
-    import sharding
-    from train.metrics import flops_per_token, peak_flops_per_device
-    from train.state import batch_sharding, build_state, check_batch_fits
-    from train.step import jit_train_step
-    from train.xla_flags import compile_options
-
-    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
-    check_batch_fits(cfg, mesh)
-    rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
-    t = cfg.train
-    batch_layout = batch_sharding(cfg, mesh, rules)
-    state, shardings = build_state(cfg, mesh, rules)
-    batches = [synthetic_batch(cfg, batch_layout, seed) for seed in (0, 1)]
+    p = plan(cfg)
+    mesh, t = p.mesh, cfg.train
+    state, shardings = build_state(cfg, mesh, p.rules)
+    batches = [synthetic_batch(p, seed) for seed in (0, 1)]
 
     t0 = time.perf_counter()
-    step = jit_train_step(shardings, {k: batch_layout for k in batches[0]})
-    compiled = step.lower(state, batches[0]).compile(compile_options(shardings))
+    step = jit_train_step(shardings, {k: p.batch_sharding for k in batches[0]})
+    compiled = step.lower(state, batches[0]).compile(startup.compile_options(shardings))
     compile_s = time.perf_counter() - t0
 
     for i in range(warmup):
@@ -147,37 +137,31 @@ def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def main(argv=None) -> None:
-    p = parser("Benchmark the train step on synthetic data.")
+    p = cli.parser("Benchmark the train step on synthetic data.")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     p.add_argument("--compare", nargs="+", default=None, metavar="LABEL:K=V,K=V",
                    help="variants to run one after another in this process")
-    cfg, args = parse(p, argv)
+    cli.main(p, argv, lambda cfg, args: run(cfg, args), start={"processes": False})
 
-    from train import xla_flags
-    xla_flags.apply()  # the library's GPU flags, as `python -m train` sets them
-    import jax
+
+def run(cfg, args) -> None:
     # time real compiles: a persistent cache (JAX_COMPILATION_CACHE_DIR) would hide them
     jax.config.update("jax_enable_compilation_cache", False)
-    from train.config import load_config
-
-    def one(overrides: list[str]):
-        c = load_config(args.config, list(args.overrides) + overrides) if overrides else cfg
-        return measure(c, args.steps, args.warmup)
-
     if not args.compare:
-        result = guarded(lambda: one([]))
+        result = measure(cfg, args.steps, args.warmup)
         print(describe(result))
         print(json.dumps(result))
         return
     results = []
     for label, overrides in variants(args.compare):
         try:
-            r = guarded(lambda: one(overrides))
-        except SystemExit:  # a config mistake in this variant: reported, others go on
-            r = "invalid config (see the error above)"
+            c = load_config(args.config, list(args.overrides) + overrides)
+            r = measure(c, args.steps, args.warmup)
         except Exception as e:  # noqa: BLE001 - e.g. a kernel this backend lacks, OOM
-            r = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            r = (f"invalid config: {first}" if errors.exit_code(e) == errors.USAGE
+                 else f"{type(e).__name__}: {first}")
         results.append((label, r))
         print(f"{label}: {describe(r) if isinstance(r, dict) else r}", flush=True)
     print(table(results))
@@ -188,7 +172,7 @@ def main(argv=None) -> None:
                            else {"variant": label, "error": r} for label, r in results]
     print(json.dumps(summary))
     if not ok:
-        raise SystemExit(1)
+        raise errors.RunError("every variant failed")
 
 
 if __name__ == "__main__":

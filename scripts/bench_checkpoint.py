@@ -1,6 +1,7 @@
 """Checkpoint save/restore timing for a ~100M-parameter train state.
 
-    python scripts/bench_checkpoint.py --dir /tmp/ckpt-bench [--config configs/gpt2-124m.yaml key=value ...]
+    python scripts/bench_checkpoint.py --dir /tmp/ckpt-bench \
+        [--config configs/gpt2-124m.yaml key=value ...]
 
 Builds the config's sharded train state (parameters + AdamW moments), times one train
 step, then an async save (how long the loop is blocked, and until committed), a
@@ -23,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-import sharding  # noqa: E402
-from train.checkpoint import Checkpoints, abstract_tree  # noqa: E402
+from train.checkpoint import Checkpoints  # noqa: E402
 from train.config import load_config, to_dict  # noqa: E402
-from train.data import Batches  # noqa: E402
-from train.state import build_state, plan_state  # noqa: E402
+from train.data.batches import WindowBatches  # noqa: E402
+from train.plan import build_state, plan  # noqa: E402
 from train.step import jit_train_step  # noqa: E402
 
 
@@ -53,16 +53,13 @@ def main() -> None:
     cfg = load_config(args.config, ["data.source=synthetic", "train.batch_size=4",
                                     "train.seq_len=256", "mesh.data=1", "mesh.fsdp=-1",
                                     *args.overrides])
-    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
-    rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
-    state, shardings = build_state(cfg, mesh, rules)
+    p = plan(cfg)
+    state, shardings = build_state(cfg, p.mesh, p.rules)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     nbytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
 
-    batch_sharding = jax.sharding.NamedSharding(
-        mesh, sharding.logical_to_spec((None, "batch", None), (1, cfg.train.batch_size,
-                                       cfg.train.seq_len), rules, mesh, "batch"))
-    batches = Batches(cfg, batch_sharding, None)
+    batch_sharding = p.batch_sharding
+    batches = WindowBatches(cfg, batch_sharding, None)
     step = jit_train_step(shardings, {"inputs": batch_sharding, "targets": batch_sharding})
     state, m = step(state, batches.batch(0))
     jax.block_until_ready(m)
@@ -80,9 +77,8 @@ def main() -> None:
     blocked_s = time.perf_counter() - t0
     ckpts.wait()
     total_s = time.perf_counter() - t0
-    _, abstract, shardings = plan_state(cfg, mesh, rules)
     t0 = time.perf_counter()
-    arrays, _ = ckpts.restore(1, abstract_tree(abstract, shardings))
+    arrays, _ = ckpts.restore(1, p.state_target())
     jax.block_until_ready(arrays)
     restore_s = time.perf_counter() - t0
     ckpts.close()

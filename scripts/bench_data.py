@@ -22,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 
 from train.config import load_config  # noqa: E402
-from train.data import PackedBatches, resolve_data  # noqa: E402
+from train.data.batches import PackedBatches  # noqa: E402
 from train.data.prepared import is_prepared, prepare  # noqa: E402
+from train.data.resolve import resolve_data  # noqa: E402
+from train.plan import build_state, plan  # noqa: E402
+from train.step import jit_train_step  # noqa: E402
 
 
 def loader_tokens_per_s(cfg, path: str, steps: int) -> float:
@@ -38,15 +41,9 @@ def loader_tokens_per_s(cfg, path: str, steps: int) -> float:
 
 
 def train_tokens_per_s(cfg, path: str, steps: int = 10) -> float:
-    import sharding
-    from jax.sharding import NamedSharding
-    from train.state import build_state
-    from train.step import jit_train_step
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    state, shardings = build_state(cfg, mesh)
-    spec = NamedSharding(mesh, sharding.logical_to_spec(
-        (None, "batch", None), (1, cfg.train.batch_size, cfg.train.seq_len),
-        sharding.make_rules("dp", mesh.axis_names), mesh, "batch"))
+    p = plan(cfg)
+    state, shardings = build_state(cfg, p.mesh, p.rules)
+    spec = p.batch_sharding
     batches = PackedBatches(cfg, spec, path)
     first = batches.batch(0)
     step = jit_train_step(shardings, {k: spec for k in first})
@@ -88,7 +85,8 @@ def main() -> None:
                 tps = loader_tokens_per_s(cfg, data_path, steps)
                 print(json.dumps({"batch": name, "mask_documents": mask, "workers": workers,
                                   "loader_tokens_per_s": round(tps)}), flush=True)
-    cfg, data_path = resolve_data(load_config("configs/tiny.yaml", [f"data.path={path}"]))
+    cfg, data_path = resolve_data(load_config("configs/tiny.yaml", [
+        f"data.path={path}", "mesh.data=-1", "mesh.fsdp=1", "sharding.rules=dp"]))
     print(json.dumps({"tiny_train_step_tokens_per_s": round(train_tokens_per_s(cfg, data_path)),
                       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                       "jax": jax.__version__}))

@@ -25,39 +25,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train.cli import guarded, parse, parser  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from train import cli  # noqa: E402
+from train.inference.generate import Generator  # noqa: E402
+from train.metrics import peak_bandwidth_per_device  # noqa: E402
+from train.plan import build_state, plan  # noqa: E402
 
 
 def random_model(cfg):
-    """A randomly initialized Transformer of cfg.model, built sharded on cfg's mesh."""
-    import jax
-    from flax import nnx
-
-    import sharding
-    from models import Transformer
-    from train.state import state_shardings
-
-    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
-    rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
-    constrain = sharding.ActivationSharding.create(mesh, rules)
-
-    def init():
-        return nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed),
-                                     constrain=constrain))[1]
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)))
-    params = jax.jit(init, out_shardings=state_shardings(abstract, mesh, rules))()
-    return nnx.merge(graphdef, params), mesh, rules
+    """A randomly initialized Transformer of cfg.model, built sharded on cfg's mesh (the
+    parameters of a fresh train state), and its plan."""
+    p = plan(cfg, batches=False)
+    state, _ = build_state(cfg, p.mesh, p.rules)
+    return state.model(), p
 
 
 def measure(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    import jax
-    import numpy as np
-
-    from models.decode import cache_bytes
-    from train.metrics import peak_bandwidth_per_device
-
     cfg = gen.cfg
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, gen.vocab_limit, (batch, prompt_len)).tolist()
@@ -67,9 +52,8 @@ def measure(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> 
     decode_s = min(r.decode_s for r in runs)
     prefill_s = min(r.prefill_s for r in runs)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.params))
-    cache = cache_bytes({"k": np.empty((cfg.num_layers, gen.padded(batch), prompt_len
-                                        + new_tokens, cfg.kv_heads, cfg.head_size),
-                                       np.dtype(cfg.dtype))}) * 2
+    cache = 2 * cfg.num_layers * gen.padded(batch) * (prompt_len + new_tokens) * \
+        cfg.kv_heads * cfg.head_size * np.dtype(cfg.dtype).itemsize  # keys and values
     step_s = decode_s / steps
     peak = peak_bandwidth_per_device(jax.devices()[0])
     devices = gen.mesh.size
@@ -92,33 +76,27 @@ def describe(r: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = parser("Benchmark generation (prefill and KV-cache decode).")
+    p = cli.parser("Benchmark generation (prefill and KV-cache decode).")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    cfg, args = parse(p, argv)
-    from train import xla_flags
-    xla_flags.apply()
-    import jax
+    cli.main(p, argv, lambda cfg, args: run(cfg, args), start={"processes": False})
+
+
+def run(cfg, args) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
-    from train.generate import Generator
-
-    def run():
-        model, mesh, rules = random_model(cfg)
-        V = cfg.model.vocab_size
-        gen = Generator(model, mesh, rules, eos_id=V - 1, vocab_limit=V - 1)  # no EOS
-        print(f"{cfg.name}: {jax.devices()[0].device_kind} x {mesh.size}, dtype "
-              f"{cfg.model.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens",
-              flush=True)
-        out = []
-        for b in args.batch:
-            r = measure(gen, b, args.prompt_len, args.new_tokens, args.repeats)
-            print(describe(r), flush=True)
-            out.append(r)
-        return out
-
-    results = guarded(run)
+    model, p = random_model(cfg)
+    V = cfg.model.vocab_size
+    gen = Generator(model, p.mesh, p.rules, eos_id=V - 1, vocab_limit=V - 1)  # no EOS
+    print(f"{cfg.name}: {jax.devices()[0].device_kind} x {p.mesh.size}, dtype "
+          f"{cfg.model.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens",
+          flush=True)
+    results = []
+    for b in args.batch:
+        r = measure(gen, b, args.prompt_len, args.new_tokens, args.repeats)
+        print(describe(r), flush=True)
+        results.append(r)
     print(json.dumps({"config": cfg.name, "results": results}))
 
 

@@ -11,7 +11,7 @@ config overrides:
 
 Prints one JSON line: compile seconds (lowering + compilation, as ours), memory per chip
 (arguments + outputs - aliased + temporaries) and collective bytes per chip per step
-(counted by train/hlo_collectives.py on MaxText's compiled HLO).
+(counted by train/preflight/hlo_collectives.py on MaxText's compiled HLO).
 """
 
 import json
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from train.hlo_collectives import collectives
+from train.preflight.hlo_collectives import collectives
 
 GIB = 1024 ** 3
 

@@ -20,11 +20,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
+from sharding.errors import ShardingError
+
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
 
-class DistributedError(ValueError):
+class DistributedError(ShardingError):
     """A multi-process setting that cannot work: one line naming the keys to fix."""
 
 
@@ -69,7 +73,6 @@ def initialize(mode: str, cluster: Cluster, *, init_timeout_s: int, heartbeat_ti
                shutdown_timeout_s: int) -> str | None:
     """Start the multi-controller runtime when asked or needed; returns a description
     of what was done (None: a single process). `mode`: auto, on or off."""
-    import jax
     if mode == "off":
         return None
     explicit = cluster.coordinator is not None or cluster.num_processes is not None

@@ -7,14 +7,17 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
+
+from sharding.errors import ShardingError
 
 # Order matters: the fastest-varying (innermost) axis is last, so tensor-parallel
 # collectives ("model") stay between neighbouring devices.
 MESH_AXES = ("data", "fsdp", "model")
 
 
-class MeshError(ValueError):
+class MeshError(ShardingError):
     """A mesh request that cannot be satisfied by the available devices."""
 
 
@@ -64,7 +67,6 @@ def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = 
         return Mesh(hybrid_devices(sizes, dcn, devices), MESH_AXES, axis_types=auto)
     if devices[0].platform == "tpu" and len(devices) != len(jax.devices()):
         # A TPU topology compiled for from another machine: order by the chip grid.
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=auto)
     if len(devices) == len(jax.devices()):
@@ -76,7 +78,6 @@ def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = 
 def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices) -> np.ndarray:
     """Devices arranged as ICI x DCN: each axis' size is dcn[axis] ways across granules
     (TPU slices, or processes where devices have no slice) times the rest within one."""
-    from jax.experimental import mesh_utils
     for axis in MESH_AXES:
         if dcn[axis] < 1 or sizes[axis] % dcn[axis]:
             raise MeshError(f"mesh.{axis}={sizes[axis]} does not divide by mesh.dcn_{axis}="

@@ -9,9 +9,9 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sharding.errors import ShardingError
 from sharding.mesh import describe
 from sharding.rules import Rules
-
 
 # A logical axis for an activation dimension whose layout the partitioner may choose
 # (PartitionSpec.UNCONSTRAINED), e.g. the batch dimensions of an array constrained only
@@ -19,7 +19,7 @@ from sharding.rules import Rules
 ANY = "*"
 
 
-class PartitionError(ValueError):
+class PartitionError(ShardingError):
     """A tensor whose logical axes cannot be laid out on the mesh."""
 
 
@@ -31,7 +31,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], ru
     logical name, a dimension that does not divide by its mesh axes, or a mesh axis used
     by two dimensions.
     """
-    where = f"{path} (shape {tuple(shape)}, logical axes {tuple(logical_axes)}, mesh {describe(mesh)})"
+    where = (f"{path} (shape {tuple(shape)}, logical axes {tuple(logical_axes)}, "
+             f"mesh {describe(mesh)})")
     if len(logical_axes) != len(shape):
         raise PartitionError(f"{where}: {len(logical_axes)} logical axes for rank {len(shape)}")
     used: dict[str, str] = {}
@@ -59,6 +60,12 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], ru
                                  "or sharding.rules")
         entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return PartitionSpec(*entries)
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the rules split the "batch" axis over the mesh: a global batch must
+    divide by it."""
+    return math.prod(mesh.shape[a] for a in rules["batch"])
 
 
 def _path_str(path) -> str:

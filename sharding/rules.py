@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from sharding.errors import ShardingError
+
 MeshAxes = tuple[str, ...]
 Rules = dict[str, MeshAxes]
 
@@ -18,8 +20,7 @@ Rules = dict[str, MeshAxes]
 # replication.
 # "vector": the d_model axis of 1-D per-layer parameters (norm scales, GPT-2's output
 # biases), replicated by every preset: sharding a few KB saves nothing and costs one
-# collective per use (26 extra per step on the tiny Llama, which on fake CPU devices
-# cost ~8% of the step).
+# collective per use (docs/benchmarks.md has what that cost the tiny Llama).
 PARAM_NAMES = ("layers", "vocab", "embed", "vector", "mlp", "heads", "kv_heads", "head_dim",
                "length")
 ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
@@ -46,7 +47,7 @@ PRESETS: dict[str, dict[str, MeshAxes]] = {
 }
 
 
-class RulesError(ValueError):
+class RulesError(ShardingError):
     """A rules table that does not fit the logical names or the mesh."""
 
 

@@ -1,7 +1,6 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initializes its backend."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,44 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from train.config import load_config  # noqa: E402
-
-# A model small enough to compile in seconds, with every dimension divisible by 8 so
-# each mesh up to 8 devices applies.
-SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.num_kv_heads=4",
-         "model.mlp_dim=128", "model.max_seq_len=64", "model.dtype=float32",
-         "train.seq_len=16", "train.batch_size=8", "data.source=synthetic",
-         "compile_cache_dir=null"]
-
-
-def small_config(*overrides: str):
-    """configs/tiny.yaml shrunk further (SMALL) plus `overrides`."""
-    return load_config(str(REPO / "configs" / "tiny.yaml"), SMALL + list(overrides))
-
-
-def padded_spec(x) -> tuple:
-    """An array's PartitionSpec as a tuple of its rank (jax 0.10 drops trailing Nones)."""
-    spec = tuple(x.sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
+from helpers import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def devices():
     assert len(jax.devices()) == 8, "tests need 8 fake CPU devices (see conftest.py)"
     return jax.devices()
-
-
-def cli_env(devices: int = 8, **extra: str) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-
-
-def run_cli(*args: str, module: str = "train", devices: int = 8, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m <module> args...` from the repository root, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                          env=env or cli_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -75,5 +43,40 @@ def trained_run(tmp_path_factory):
     from runs import RUN, STEPS
     out = tmp_path_factory.mktemp("trained")
     proc = run_cli(*RUN, f"output_dir={out}", f"eval.every_steps={STEPS}", "eval.batches=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory):
+    """The README's "Your own data" flow: a byte-level BPE trained on some text, the text
+    prepared with it (data.tokenizer left at its default, byte), and a short run of the
+    tiny Llama on that directory. Returns (run directory, tokenizer.json)."""
+    from train.data.prepared import prepare
+    from train.data.tokenizer import train_bpe
+    root = tmp_path_factory.mktemp("bpe")
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
+    (root / "corpus").mkdir()
+    for i in range(0, 400, 40):
+        (root / "corpus" / f"part{i}.txt").write_text("\n".join(texts[i:i + 40]))
+    train_bpe(texts, 300, str(root / "tok.json"))
+    prepare(str(root / "corpus"), root / "prepared", str(root / "tok.json"), progress=False,
+            val_fraction=0.2, log=lambda line: None)
+    out = root / "run"
+    proc = run_cli("--config", "configs/tiny.yaml", f"data.path={root / 'prepared'}",
+                   f"output_dir={out}", "train.steps=4", "train.batch_size=8",
+                   "train.seq_len=32", "model.num_layers=2", "model.d_model=64",
+                   "model.mlp_dim=128", "compile_cache_dir=null", devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, root / "tok.json"
+
+
+@pytest.fixture(scope="session")
+def run8(tmp_path_factory):
+    """The checkpoint tests' run stopped at step 8 (checkpoints 4 and 8), as `runs.RUN`
+    trains it; tests that change it work on a copy (`copy_run`)."""
+    from runs import RUN
+    out = tmp_path_factory.mktemp("run8") / "run"
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

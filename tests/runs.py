@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, cli_env
+from helpers import REPO, cli_env
 
 STEPS = 24
 # A small model on a (data=2, fsdp=2, model=2) mesh of 8 fake devices, logging every

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, cli_env
+import pytest
+
+from helpers import REPO, cli_env
 
 
+@pytest.mark.once
 def test_bench_compare_reports_every_variant_and_mfu_by_formula():
     out = subprocess.run(
         [sys.executable, "scripts/bench.py", "--config", "configs/tiny.yaml", "--steps", "2",
@@ -61,3 +64,18 @@ def test_side_by_side_script_times_the_window_and_pairs_each_repeat(monkeypatch)
     assert "steady s/step 0.850x (0.800-0.900), faster steady step in 2 of 2" in cold
     assert "first step 0.20x (0.20-0.20)" in cached
     assert "steady s/step 1.000x (0.900-1.100), faster steady step in 1 of 2" in cached
+
+
+@pytest.mark.once
+def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
+    """scripts/gpu_check.sh is meant for a GPU machine; its --smoke run takes the same
+    code paths on the CPU (XLA's attention standing in for cuDNN), so it cannot rot
+    unseen."""
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=REPO,
+                          env=dict(cli_env(2), PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["checks"] == {"cudnn-attention": "pass", "bf16-step": "pass",
+                                 "generation": "pass", "bench gpt2-124m": "ran"}
+    assert summary["bench"]["configs/gpt2-124m.yaml"]["tokens_per_step"] == 2 * 64

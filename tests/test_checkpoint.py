@@ -2,37 +2,47 @@
 chosen moments), compared bit for bit with an uninterrupted run."""
 
 import json
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
-from conftest import run_cli
+import pytest
+
+from helpers import REPO, cli_env, run_cli
 from runs import RUN, STEPS, logged_steps, losses, start, wait_for
 
 
 def test_sigkill_anywhere_then_rerun_is_bit_identical(reference, tmp_path):
-    out = tmp_path / "run"
+    out, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
     # 1) killed mid-run, between checkpoints
     proc = start(out)
     wait_for(lambda: logged_steps(out) >= 10, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    # 2) killed while a checkpoint is being written (a temporary step directory exists)
-    proc = start(out)
-    ckpt_dir = out / "checkpoints"
-    in_save = lambda: ckpt_dir.exists() and any("tmp" in p.name for p in ckpt_dir.iterdir())
-    wait_for(lambda: in_save() or logged_steps(out) >= 18, proc)
+    # 2) killed inside the asynchronous save of step 16: the launcher holds its commit
+    # open and says so, so the kill lands while the save is incomplete, every time
+    marker = tmp_path / "in-save"
+    proc = subprocess.Popen([sys.executable, "tests/held_save.py", "16", str(marker), *RUN,
+                             f"output_dir={out}"], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    # 3) run to the end
+    in_save = Path(marker.read_text())
+    assert in_save.parent == ckpt_dir and in_save.name.startswith("16.orbax-checkpoint-tmp")
+    assert in_save.exists() and not (ckpt_dir / "16").exists()
+    # 3) run to the end: resumed from the last complete step, the half-written one gone
     proc = run_cli(*RUN, f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step" in proc.stdout
+    assert "resumed from step 12" in proc.stdout
     assert losses(out) == reference  # every step once, bit-identical floats
     assert not any("tmp" in p.name for p in ckpt_dir.iterdir())
 
 
-def test_rerun_of_finished_run_exits_0(reference, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+def test_rerun_of_finished_run_exits_0(run8, tmp_path):
+    out = copy_run(run8, tmp_path)
     proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8")
     assert proc.returncode == 0
     assert "run already finished: checkpoint at step 8" in proc.stdout
@@ -45,7 +55,7 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, text[-3000:]
-    line = next(l for l in text.splitlines() if "preempted (SIGTERM): saved step" in l)
+    line = next(ln for ln in text.splitlines() if "preempted (SIGTERM): saved step" in ln)
     step = int(line.split("saved step ")[1].split()[0])
     assert (out / "checkpoints" / str(step)).is_dir() and step < STEPS
     proc = run_cli(*RUN, f"output_dir={out}", "checkpoint.every_steps=0")
@@ -54,6 +64,13 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     assert losses(out) == reference
 
 
+def copy_run(run, tmp_path: Path) -> Path:
+    """A copy of a finished run's directory, for a test that changes it."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.once
 def test_keep_and_keep_every(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*RUN, f"output_dir={out}", "checkpoint.every_steps=2", "checkpoint.keep=2",
@@ -67,9 +84,9 @@ def test_keep_and_keep_every(tmp_path):
     assert meta["data"]["next_batch"] == 24
 
 
-def test_half_written_step_is_ignored_and_cleaned(reference, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+@pytest.mark.once
+def test_half_written_step_is_ignored_and_cleaned(reference, run8, tmp_path):
+    out = copy_run(run8, tmp_path)
     junk = out / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
     (junk / "state").mkdir(parents=True)
     (junk / "state" / "garbage").write_bytes(b"\0" * 100)
@@ -80,6 +97,7 @@ def test_half_written_step_is_ignored_and_cleaned(reference, tmp_path):
     assert losses(out) == {s: reference[s] for s in range(1, 13)}
 
 
+@pytest.mark.once
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     explode = ["optimizer.lr=1e12", "optimizer.grad_clip=0", "optimizer.warmup_steps=0",
@@ -96,14 +114,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     proc = run_cli(*RUN, f"output_dir={tmp_path / 'skip'}", *explode, "train.nonfinite=skip",
                    "train.steps=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().split("\n")
-            if l]
+    rows = [json.loads(ln) for ln in (tmp_path / "skip" / "metrics.jsonl").read_text().split("\n")
+            if ln]
     assert rows[-1]["skipped_steps"] == 5 and rows[0]["nonfinite"] == 0
 
 
-def test_resume_from_and_params_only(reference, tmp_path):
-    base = tmp_path / "base"
-    assert run_cli(*RUN, f"output_dir={base}", "train.steps=8").returncode == 0
+@pytest.mark.once
+def test_resume_from_and_params_only(reference, run8, tmp_path):
+    base = run8  # read only: the runs below write their own output_dir
     # continue another run's checkpoint in a new directory: same trajectory
     proc = run_cli(*RUN, f"output_dir={tmp_path / 'cont'}", f"checkpoint.resume_from={base}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,20 +139,21 @@ def test_resume_from_and_params_only(reference, tmp_path):
     assert ft[1] < reference[1] - 0.2  # starts from trained weights, not from scratch
 
 
-def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*RUN, f"output_dir={out}", "train.steps=4").returncode == 0
-    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8", "model.d_model=128")
+@pytest.mark.once
+def test_an_output_dir_holding_another_model_is_a_one_line_error(run8, tmp_path):
+    """The same output_dir reused for another model: say so, and what to do."""
+    out = copy_run(run8, tmp_path)
+    proc = run_cli(*RUN, f"output_dir={out}", "train.steps=12", "model.d_model=128")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert ("does not match the model: blocks/attn_norm_scale has shape (2, 64) in the "
-            "checkpoint and (2, 128) in the model") in lines[0]
+    assert lines == [f"error: {out / 'checkpoints'} holds a run of another model "
+                     "(blocks/attn_norm_scale has shape (2, 64) there and (2, 128) in this "
+                     "config); choose another output_dir for this one (or delete that run)"]
 
 
-def test_corrupt_checkpoint_names_path_step_and_fallback(tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*RUN, f"output_dir={out}", "train.steps=8").returncode == 0
+@pytest.mark.once
+def test_corrupt_checkpoint_names_path_step_and_fallback(run8, tmp_path):
+    out = copy_run(run8, tmp_path)
     state_dir = out / "checkpoints" / "8" / "state"
     for f in state_dir.rglob("*"):
         if f.is_file():

@@ -3,24 +3,26 @@
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sharding
 from models import Transformer
-from conftest import small_config
-from train.checkpoint import Checkpoints, abstract_tree
+from train.checkpoint import Checkpoints
 from train.config import to_dict
-from train.data import Batches
-from train.export import export, load_exported
-from train.state import build_state, plan_state
+from train.data.batches import WindowBatches
+from train.inference import export, load_exported
+from train.plan import build_state, plan
 from train.step import jit_train_step
+
+from helpers import small_config
 
 
 def setup(cfg, shape, rules):
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
     rules = sharding.make_rules(rules, mesh.axis_names)
     batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-    return mesh, rules, Batches(cfg, batch_sharding, None), batch_sharding
+    return mesh, rules, WindowBatches(cfg, batch_sharding, None), batch_sharding
 
 
 def test_restore_onto_another_mesh_continues_with_same_loss(tmp_path, devices):
@@ -37,10 +39,10 @@ def test_restore_onto_another_mesh_continues_with_same_loss(tmp_path, devices):
     _, m_same = step(state, batches.batch(2))
     # restore onto data=2 x model=4 with tensor parallelism and take the same 3rd step
     mesh2, rules2, batches2, bs2 = setup(cfg, (2, 1, 4), "fsdp_tp")
-    _, abstract, shardings2 = plan_state(cfg, mesh2, rules2)
-    arrays, meta = Checkpoints(str(tmp_path / "ckpt")).restore(2, abstract_tree(abstract,
-                                                                                shardings2))
-    state2 = abstract.replace(**arrays)
+    p = plan(cfg, mesh=mesh2, rules=rules2)
+    shardings2 = p.shardings
+    arrays, meta = Checkpoints(str(tmp_path / "ckpt")).restore(2, p.state_target())
+    state2 = p.abstract.replace(**arrays)
     assert meta == {"step": 2} and int(state2.step) == 2
     wq = state2.params["blocks"]["wq"].get_value()
     assert wq.sharding.spec == P(None, "fsdp", "model", None)  # fsdp has size 1 here
@@ -64,7 +66,7 @@ def test_export_params_only_roundtrip(tmp_path, devices):
     cfg2, params = load_exported(str(tmp_path / "export"), mesh2,
                                  sharding.make_rules("fsdp_tp", mesh2.axis_names))
     assert cfg2.model == cfg.model
-    for (path, a), (_, b) in zip(nnx.to_flat_state(state.params), nnx.to_flat_state(params)):
+    for (_, a), (_, b) in zip(nnx.to_flat_state(state.params), nnx.to_flat_state(params)):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg2.model, rngs=nnx.Rngs(0))))
     tokens = jax.device_put(np.zeros((2, 8), np.int32), NamedSharding(mesh2, P()))

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
-from train import topology
+from train.preflight import topology
+
+from helpers import REPO, cli_env, run_cli
 
 TINY = ["--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null"]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -21,6 +22,8 @@ def report(tmp_path, *args, devices: int = 8) -> dict:
     out = tmp_path / "report.json"
     proc = run_cli(*TINY, *args, "--json", str(out), module="train.compile", devices=devices)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # no layout the partitioner can only reach by replicating a tensor
+    assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -50,9 +53,30 @@ def test_preflight_for_a_tpu_slice(tmp_path):
 
 @needs_libtpu
 def test_preflight_for_two_slices(tmp_path):
+    """Two v5e:2x2 slices: the program is compiled for 8 chips whose data axis runs
+    across the slices (DCN) while fsdp stays within each slice (ICI)."""
     r, text = report(tmp_path, "--topology", "v5e:2x2", "--slices", "2", "mesh.data=2",
                      "mesh.dcn_data=2")
-    assert r["devices"] == 8 and r["mesh"]["data"] == 2 and "x 2 slices" in r["target"]
+    assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+    assert "x 2 slices" in r["target"]
+    assert r["dcn_axes"] == ["data"]
+    assert "across slices (DCN): data; within each slice (ICI): fsdp, model" in text
+
+
+@needs_libtpu
+@pytest.mark.once
+def test_two_preflights_at_once(tmp_path):
+    """Two TPU pre-flights on one machine at the same time (a user's and CI's): both
+    compile, neither fails on libtpu's lockfile."""
+    procs = [subprocess.Popen([sys.executable, "-m", "train.compile", *TINY, "--topology",
+                               "v5e:2x2", "--json", str(tmp_path / f"{i}.json")],
+                              cwd=REPO, env=cli_env(8), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    first, second = (json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2))
+    assert first["memory_per_chip"] == second["memory_per_chip"]
 
 
 @needs_libtpu
@@ -64,6 +88,7 @@ def test_a_step_that_does_not_fit_exits_1(tmp_path):
     assert "mesh.fsdp" in proc.stderr
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("remat,gathers", [("none", 1), ("full", 2)])
 def test_fsdp_report_matches_parameter_math(tmp_path, remat, gathers):
     """FSDP (tiny.yaml computes in fp32): every weight is all-gathered once for the
@@ -97,8 +122,11 @@ def test_fsdp_tp_report_matches_parameter_and_activation_math(tmp_path):
     assert total(r, "all-reduce", "model") == pytest.approx(
         (7 * layers + 1) * activation, rel=0.05)
     assert total(r, "all-gather", "model") <= activation  # the embedding lookup's rows
+    # with data parallelism too (2 x 2 x 2) the lookup is not replicated either
+    report(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp")
 
 
+@pytest.mark.once
 def test_data_parallel_report_is_one_gradient_all_reduce(tmp_path):
     r, _ = report(tmp_path, "mesh.data=8", "mesh.fsdp=1", "sharding.rules=dp")
     assert total(r, "all-reduce", "data") == pytest.approx(param_bytes(r), rel=0.1)
@@ -111,7 +139,7 @@ def test_bad_topology_and_mismatched_mesh_are_one_line_errors():
         cases.append((["--topology", "v5e:2x2", "mesh.fsdp=8"], "needs 8 devices but 4"))
     for args, expected in cases:
         proc = run_cli(*TINY, *args, module="train.compile")
-        errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
         assert expected in errors[0]
         if "v9" in expected:
@@ -136,7 +164,7 @@ def test_topology_devices_carry_the_wraparound():
     child process: it takes a machine-wide lock the other pre-flight tests need)."""
     code = """
 from jax.experimental import topologies
-from train import topology
+from train.preflight import topology
 def fingerprint(devs):
     from jax._src.lib import _jax
     return _jax.get_topology_for_devices(devs).fingerprint()

@@ -2,8 +2,9 @@
 
 import pytest
 
-from conftest import REPO
 from train.config import ConfigError, load_config, parse_override
+
+from helpers import REPO
 
 
 def write(tmp_path, name, text):
@@ -53,7 +54,8 @@ def test_overrides_are_typed_and_dotted():
     ("optimizer.lr=fast", "optimizer.lr='fast' is not allowed: expected a number"),
     ("train.batch_size=10", "train.batch_size=10 does not divide by train.microbatches=4"),
     ("train.seq_len=4096", "train.seq_len=4096 exceeds model.max_seq_len=256"),
-    ("model.num_heads=3", "model.d_model=128 does not divide by model.num_heads=3; set model.head_dim"),
+    ("model.num_heads=3",
+     "model.d_model=128 does not divide by model.num_heads=3; set model.head_dim"),
     ("train", "override 'train' must look like key=value (e.g. train.steps=100)"),
     ("model=3", "model must be a mapping of keys, got 3"),
 ])
@@ -63,6 +65,25 @@ def test_bad_values_name_the_key(override, message):
         load_config(str(REPO / "configs" / "tiny.yaml"), extra + [override])
     assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+def test_a_mistyped_key_is_suggested_by_section_then_by_key_and_names_its_file(tmp_path):
+    cases = {"trian.steps=3": "train.steps", "modle.d_model=64": "model.d_model",
+             "seed=3": "train.seed", "train.stpes=3": "train.steps"}
+    for override, meant in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(str(REPO / "configs" / "tiny.yaml"), [override])
+        assert str(err.value).endswith(f"; did you mean {meant!r}?"), str(err.value)
+    path = write(tmp_path, "run.yaml", "base: tiny.yaml\ntrian:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"unknown config key 'trian.steps' in {path!r}; did you mean "
+                              "'train.steps'?")
+    base = write(tmp_path, "base.yaml", "model: {num_layer: 2}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"'model.num_layer' in {base!r}; did you mean "
+                                          "'model.num_layers'"):
+        load_config(child)
 
 
 def test_file_errors(tmp_path):

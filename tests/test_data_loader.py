@@ -12,11 +12,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sharding
-from conftest import small_config
-from train.data import PackedBatches, resolve_data, to_global
+from train.data.batches import PackedBatches, to_global
 from train.data.prepared import open_split, prepare
-from train.state import build_state
+from train.data.resolve import resolve_data
+from train.plan import build_state
 from train.step import compute_grads
+
+from helpers import small_config
 
 # Random words: no two packed sequences are alike, so shares can be compared by content.
 _rng = np.random.default_rng(0)

@@ -5,15 +5,19 @@ rerun, logs the losses of an uninterrupted run bit for bit."""
 import json
 import signal
 
-from conftest import run_cli
+import pytest
+
+from helpers import run_cli
 from runs import RUN, logged_steps, start, wait_for
+
+pytestmark = pytest.mark.once  # CI runs these in its Python 3.11 suite only
 
 
 def rows(out) -> dict[int, dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(l)["step"] for l in lines]
+    steps = [json.loads(ln)["step"] for ln in lines]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {json.loads(l)["step"]: json.loads(l) for l in lines}
+    return {json.loads(ln)["step"]: json.loads(ln) for ln in lines}
 
 
 def test_sigkill_then_rerun_on_prepared_data_is_bit_identical(tmp_path):

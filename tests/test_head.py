@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_config
 from models import Transformer
 from models.head import logsumexp_and_target, num_chunks
 from models.layers import no_constraint
-from train.step import cross_entropy, loss_from_stats
+from train.step import loss_from_stats
+
+from helpers import cross_entropy, small_config
 
 
 def test_num_chunks_is_a_divisor():

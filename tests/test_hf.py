@@ -5,7 +5,6 @@ greedy continuations; exports must load back into transformers with the same log
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,11 +12,11 @@ torch = pytest.importorskip(
     "torch", reason="torch is not installed: the Python 3.12 CI run leaves torch tests out")
 transformers = pytest.importorskip("transformers")
 
-from conftest import padded_spec, run_cli, small_config  # noqa: E402
-from train.convert import ckpt_to_hf, hf_to_ckpt  # noqa: E402
-from train.generate import Generator  # noqa: E402
-from train.hf import ConvertError  # noqa: E402
-from train.load import load  # noqa: E402
+from train.errors import ConversionError  # noqa: E402
+from train.hf.convert import ckpt_to_hf, hf_to_ckpt  # noqa: E402
+from train.inference import Generator, load  # noqa: E402
+
+from helpers import padded_spec, run_cli, small_config  # noqa: E402
 
 VOCAB = 100  # padded to 128 on import
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp"]
@@ -100,7 +99,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(
         {"architectures": ["MixtralForCausalLM"], "vocab_size": 10}))
-    with pytest.raises(ConvertError, match="MixtralForCausalLM.*supported: LlamaForCausalLM, "
+    with pytest.raises(ConversionError, match="MixtralForCausalLM.*supported: LlamaForCausalLM, "
                                            "GPT2LMHeadModel"):
         hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
 

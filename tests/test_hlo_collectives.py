@@ -1,6 +1,6 @@
 """Collective accounting on a hand-written HLO program, against hand-computed bytes."""
 
-from train.hlo_collectives import collectives, group_axes, shape_bytes, summarize
+from train.preflight.hlo_collectives import collectives, group_axes, shape_bytes, summarize
 
 HLO = """HloModule m
 

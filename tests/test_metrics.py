@@ -2,10 +2,11 @@
 
 import json
 
-from conftest import REPO
 from models import count_params
 from train.config import load_config
 from train.metrics import MetricsLog, flops_per_token, peak_flops_per_device
+
+from helpers import REPO
 
 
 class FakeDevice:
@@ -14,10 +15,25 @@ class FakeDevice:
 
 
 def test_flops_per_token_gpt2_small_by_hand():
+    """GPT-2 small: per layer q, k, v, o (4 x 768 x 768) and the MLP (2 x 768 x 3072), and
+    the tied head (768 x 50304) once; attention 12 L H Q T. Biases, norms and the
+    position table run no matmul."""
     cfg = load_config(str(REPO / "configs" / "gpt2-124m.yaml")).model
-    expected = 6 * 123_689_472 + 12 * 12 * 768 * 1024
-    assert flops_per_token(cfg, 1024) == expected
+    matmuls = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50304
+    assert flops_per_token(cfg, 1024) == 6 * matmuls + 12 * 12 * 768 * 1024 == 854_654_976
     assert count_params(cfg) == 123_689_472
+
+
+def test_an_untied_embedding_lookup_is_not_a_matmul():
+    """Llama-3-8B: the untied input embedding (128256 x 4096) is a gather; only the head
+    of the same size is a matmul. 32 layers of q (4096 x 4096), k and v (4096 x 1024),
+    o (4096 x 4096) and SwiGLU (3 x 4096 x 14336)."""
+    cfg = load_config(str(REPO / "configs" / "llama-8b.yaml")).model
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    matmuls = 32 * layer + 4096 * 128256
+    assert flops_per_token(cfg, 8192) == 6 * matmuls + 12 * 32 * 4096 * 8192
+    embedding, norms = 128256 * 4096, (2 * 32 + 1) * 4096
+    assert count_params(cfg) == matmuls + embedding + norms
 
 
 def test_peak_lookup_and_override():
@@ -42,7 +58,7 @@ def test_metrics_log_rows(tmp_path):
 
 
 def test_gpu_flags_added_without_overriding_the_users():
-    from train.xla_flags import with_gpu_flags
+    from train.startup import with_gpu_flags
     assert with_gpu_flags("") == "--xla_gpu_enable_latency_hiding_scheduler=true"
     mine = "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/x"
     assert with_gpu_flags(mine) == mine  # the user's value wins
@@ -54,9 +70,11 @@ def test_gpu_flags_added_without_overriding_the_users():
 def test_cpu_compile_options_leave_the_users_flags_and_other_platforms_alone(
         devices, monkeypatch):
     import types
+
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from train.xla_flags import compile_options
+
+    from train.startup import compile_options
     on_cpu = {"w": NamedSharding(Mesh(np.array(devices), ("x",)), PartitionSpec())}
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert compile_options(on_cpu) == {"xla_backend_optimization_level": 2}
@@ -68,9 +86,12 @@ def test_cpu_compile_options_leave_the_users_flags_and_other_platforms_alone(
 
 def test_the_run_compiles_init_and_steps_with_the_cpu_options(tmp_path, devices, monkeypatch):
     import re
+
     import jax.stages
+
     import train.loop
-    from conftest import small_config
+
+    from helpers import small_config
 
     seen = {}
     compile = jax.stages.Lowered.compile
@@ -94,7 +115,8 @@ def test_a_steps_row_is_logged_before_its_checkpoint(tmp_path, devices, monkeypa
     """The step time of a checkpointed step (the last one always is) must not include
     the checkpoint write: its row is logged before the save starts."""
     import train.loop
-    from conftest import small_config
+
+    from helpers import small_config
 
     logged_at_save = {}
     save = train.loop.Checkpoints.save

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, small_config
 from models import ModelConfig, Transformer, count_params
 from models.attention import blocked_attention, num_blocks, splash_attention
 from models.layers import attention_impl
 from train.config import load_config
+
+from helpers import REPO, small_config
 
 
 def make(cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -60,7 +61,7 @@ def test_attention_auto_by_platform():
     assert attention_impl(ModelConfig(attention="cudnn"), "cpu", 64) == "cudnn"
 
 
-@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("segments", [pytest.param(False, marks=pytest.mark.once), True])
 def test_splash_kernel_matches_blocked_attention(segments):
     """The Pallas TPU kernel, interpreted on the CPU: values and gradients equal blocked
     attention's, with grouped kv heads and document masks."""
@@ -94,7 +95,8 @@ def test_num_blocks():
     assert num_blocks(7, 2) == 7
 
 
-@pytest.mark.parametrize("block,segments", [(4, False), (5, True), (64, True)])
+@pytest.mark.parametrize("block,segments", [(5, True)] + [
+    pytest.param(*p, marks=pytest.mark.once) for p in ((4, False), (64, True))])
 def test_blocked_attention_matches_dot_product_attention(block, segments):
     """Values and gradients equal jax.nn.dot_product_attention (XLA), with grouped kv
     heads and, with segments, a document mask."""

@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from conftest import REPO, cli_env
+from helpers import REPO, cli_env
 from runs import RUN, logged_steps
+
+pytestmark = pytest.mark.once  # CI runs these in its Python 3.11 suite only
 
 
 def free_port() -> int:
@@ -75,7 +77,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(reference, 
     assert "distributed: process 0 of 2, coordinator 127.0.0.1:" in first
     assert "resumed from step" in first
     assert "step " not in log_text(out, 1).replace("resumed from step", "")  # process 0 logs
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows}
     assert sorted(losses) == sorted(reference)  # every step once
     for step, loss in reference.items():

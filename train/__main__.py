@@ -1,14 +1,12 @@
 """`python -m train --config configs/X.yaml key=value ...`: train a model."""
 
-from train.cli import guarded, parse, parser
+from train import cli
+from train.loop import run
 
 
 def main(argv=None) -> None:
-    cfg, _ = parse(parser("Train a sharded decoder-only Transformer."), argv)
-    from train import xla_flags
-    xla_flags.apply()  # before JAX starts its backend
-    from train.loop import run  # import JAX only once the config is known to be valid
-    guarded(lambda: run(cfg))
+    cli.main(cli.parser("Train a sharded decoder-only Transformer."), argv,
+             lambda cfg, args: run(cfg), start={})
 
 
 if __name__ == "__main__":

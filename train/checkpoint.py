@@ -9,43 +9,47 @@ crash mid-save leaves nothing that restores; leftovers are removed on the next s
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-import sys
 import threading
 from typing import Any, Callable
 
 import jax
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from train.config import CheckpointConfig
+from train.errors import CheckpointError, SaveError, exit_now
+from train.plan import Plan, state_arrays
 from train.state import init_state
 
 STATE, META, CONFIG = "state", "meta", "config"
+log = logging.getLogger("train")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: printed as one line, non-zero exit."""
+def absolute(path: str) -> str:
+    """A local path made absolute (Orbax refuses relative ones); URLs as they are."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-class SaveError(CheckpointError):
-    """A save that failed or did not finish in time. Storage threads may still be stuck
-    retrying, so the process exits at once after printing it."""
+@dataclasses.dataclass(eq=False)
+class Mismatch(CheckpointError):
+    """A checkpoint of another model: its first parameter that differs from ours."""
 
+    where: str
+    name: str
+    saved: tuple | None  # None: the checkpoint has no such parameter
+    model: tuple
 
-def state_tree(state) -> dict[str, Any]:
-    """The arrays of a TrainState that a checkpoint holds."""
-    return {"step": state.step, "skipped": state.skipped, "params": state.params,
-            "opt_state": state.opt_state}
-
-
-def abstract_tree(abstract_state, shardings) -> dict[str, Any]:
-    """ShapeDtypeStructs with the target shardings: Orbax restores straight into them,
-    resharding when the checkpoint was written on another mesh."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state_tree(abstract_state), state_tree(shardings))
+    def __str__(self) -> str:
+        if self.saved is None:
+            return (f"{self.where} does not match the model: it has no parameter "
+                    f"{self.name} (model shape {self.model})")
+        return (f"{self.where} does not match the model: {self.name} has shape "
+                f"{self.saved} in the checkpoint and {self.model} in the model")
 
 
 def split_step_dir(path: str) -> tuple[str, int | None]:
@@ -62,10 +66,10 @@ class Checkpoints:
     def __init__(self, directory: str, cfg: CheckpointConfig | None = None, *,
                  read_only: bool = False):
         cfg = cfg or CheckpointConfig()
-        if "://" not in directory:  # Orbax refuses relative paths (runs/default/...)
-            directory = os.path.abspath(os.path.expanduser(directory))
+        directory = absolute(directory)
         self.directory = directory
         self.timeout_s, self.pending = cfg.save_timeout_s, None
+        self.failed = False  # a save failed: its storage threads may hang, do not wait
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_every,
             enable_async_checkpointing=cfg.async_save and not read_only,
@@ -120,9 +124,11 @@ class Checkpoints:
         threading.Thread(target=target, daemon=True).start()
         finished = done.wait(self.timeout_s)
         if not finished or errors:
+            self.failed = True
             reason = (f"did not finish within checkpoint.save_timeout_s={self.timeout_s:g}"
                       if not finished else
-                      f"failed ({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})")
+                      f"failed ({type(errors[0]).__name__}: "
+                      f"{str(errors[0]).splitlines()[0][:200]})")
             raise SaveError(f"{what} to {self.directory} {reason}; earlier complete checkpoints "
                             "are untouched: rerun the same command to resume from the latest")
 
@@ -131,7 +137,7 @@ class Checkpoints:
         the devices, and the write continues in the background."""
         self.wait()
         args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state_tree(state)),
+            STATE: ocp.args.StandardSave(state_arrays(state)),
             META: ocp.args.JsonSave(meta), CONFIG: ocp.args.JsonSave(config)})
         self.pending = step
         # In this thread (Orbax's async machinery is bound to the caller's thread), so a
@@ -143,6 +149,7 @@ class Checkpoints:
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:
+            self.failed = True
             raise SaveError(f"saving step {step} to {self.directory} failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); earlier "
                             "complete checkpoints are untouched: rerun the same command to "
@@ -151,12 +158,10 @@ class Checkpoints:
             watchdog.cancel()
 
     def _stuck(self, step: int) -> None:
-        print(f"error: saving step {step} to {self.directory} did not start within "
-              f"checkpoint.save_timeout_s={self.timeout_s:g}; earlier complete checkpoints "
-              "are untouched: rerun the same command to resume from the latest",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # the blocked storage call cannot be interrupted
+        exit_now(f"saving step {step} to {self.directory} did not start within "
+                 f"checkpoint.save_timeout_s={self.timeout_s:g}; earlier complete "
+                 "checkpoints are untouched: rerun the same command to resume from the "
+                 "latest")
 
     def wait(self) -> None:
         """Block until every started save is committed (raises SaveError if one failed)."""
@@ -165,7 +170,10 @@ class Checkpoints:
             self.pending = None
 
     def close(self) -> None:
-        self.manager.close()
+        """Finish pending saves and release the manager (not after a failed save, whose
+        storage threads may never return)."""
+        if not self.failed:
+            self.manager.close()
 
     def _where(self, step: int) -> str:
         return f"checkpoint step {step} in {self.directory}"
@@ -213,58 +221,61 @@ class Checkpoints:
 
 
 def check_param_shapes(saved: Any, target: nnx.State, where: str) -> None:
-    """CheckpointError naming the first parameter of `target` that the saved metadata
-    tree lacks or holds with another shape."""
+    """Mismatch naming the first parameter of `target` that the saved metadata tree
+    lacks or holds with another shape."""
     for path, var in nnx.to_flat_state(target):
         node = saved
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         node = node.get("value") if isinstance(node, dict) else node
         name, want = "/".join(map(str, path)), tuple(var.get_value().shape)
-        if node is None:
-            raise CheckpointError(f"{where} does not match the model: it has no parameter "
-                                  f"{name} (model shape {want})")
-        if tuple(node.shape) != want:
-            raise CheckpointError(f"{where} does not match the model: {name} has shape "
-                                  f"{tuple(node.shape)} in the checkpoint and {want} in the "
-                                  "model")
+        if node is None or tuple(node.shape) != want:
+            raise Mismatch(where, name, None if node is None else tuple(node.shape), want)
 
 
-def find_checkpoint(path: str) -> tuple[Checkpoints, int]:
+def find_checkpoint(path: str, flag: str = "checkpoint.resume_from"
+                    ) -> tuple[Checkpoints, int]:
     """A checkpoint to start from: a step directory, a checkpoint directory (its
-    latest step) or a run's output_dir (its checkpoints/ subdirectory)."""
-    root, step = split_step_dir(path)
+    latest step) or a run's output_dir (its checkpoints/ subdirectory). `flag` is what
+    the user gave the path as, for the error messages."""
+    given = f"{flag} {path!r}" if flag.startswith("-") else f"{flag}={path!r}"
+    root, step = split_step_dir(absolute(path))
     if step is None and (epath.Path(root) / "checkpoints").exists():
         root = str(epath.Path(root) / "checkpoints")
     if not epath.Path(root).exists():
-        raise CheckpointError(f"checkpoint.resume_from={path!r} does not exist")
+        raise CheckpointError(f"{given} does not exist")
     source = Checkpoints(root, read_only=True)
     step = step if step is not None else source.latest_step()
     if step is None:
-        raise CheckpointError(f"checkpoint.resume_from={path!r} holds no complete checkpoint")
+        raise CheckpointError(f"{given} holds no complete checkpoint")
     return source, step
 
 
-def start_state(cfg, ckpts: Checkpoints, init, abstract, shardings, log
+def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None
                 ) -> tuple[Any, int, dict | None]:
     """(state, first step, the checkpoint's data position or None): the run's own latest
     checkpoint, else checkpoint.resume_from, else a fresh sharded init. Restores go
-    straight into `shardings`, whatever mesh the checkpoint was written on."""
-    target = abstract_tree(abstract, shardings)
-    fresh = lambda: init_state(init, shardings, cfg.train.seed)
-    latest = ckpts.latest_step()
+    straight into the plan's shardings, whatever mesh the checkpoint was written on."""
+    cfg, target = plan.cfg, plan.state_target()
     if latest is not None:
-        arrays, meta = ckpts.restore(latest, target)
+        try:
+            arrays, meta = ckpts.restore(latest, target)
+        except Mismatch as e:
+            raise CheckpointError(
+                f"{ckpts.directory} holds a run of another model ({e.name} has shape "
+                f"{e.saved} there and {e.model} in this config); choose another output_dir "
+                "for this one (or delete that run)") from None
         log.info("resumed from step %d (%s)", latest, ckpts.directory)
-        return abstract.replace(**arrays), latest, meta.get("data")
+        return plan.abstract.replace(**arrays), latest, meta.get("data")
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
         if cfg.checkpoint.load_params_only:
             params = source.restore_params(step, target["params"])
             log.info("parameters from step %d of %s; new optimizer state, starting at step 0",
                      step, source.directory)
-            return fresh().replace(params=params), 0, None
+            fresh = init_state(plan.init, plan.shardings, cfg.train.seed)
+            return fresh.replace(params=params), 0, None
         arrays, meta = source.restore(step, target)
         log.info("resumed from step %d of %s", step, source.directory)
-        return abstract.replace(**arrays), step, meta.get("data")
-    return fresh(), 0, None
+        return plan.abstract.replace(**arrays), step, meta.get("data")
+    return init_state(plan.init, plan.shardings, cfg.train.seed), 0, None

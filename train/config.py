@@ -2,7 +2,9 @@
 
 A YAML file may name `base: other.yaml` (or a list of them, applied in order); its own
 values override the base's. Overrides use dotted keys: `mesh.data=2 model.num_layers=8`.
-Every problem raises ConfigError with one line that names the key.
+Every problem raises ConfigError with one line that names the key (and the file).
+Each section checks its own values (`check()`); `validate` adds the checks that span
+sections.
 """
 
 from __future__ import annotations
@@ -12,17 +14,28 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import yaml
 
 from models.config import ModelConfig
+from train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A user mistake in the config: printed as one `error: ...` line, exit code 2."""
+def _positive(section: str, obj, *keys: str, minimum: int = 1) -> None:
+    for key in keys:
+        if getattr(obj, key) < minimum:
+            raise ConfigError(f"{section}.{key} must be at least {minimum}, got "
+                              f"{getattr(obj, key)}")
+
+
+def _not_s3(key: str, value: str | None) -> None:
+    if value and value.startswith("s3://"):
+        raise ConfigError(f"{key}={value!r}: s3:// is not supported (Orbax 0.12 cannot "
+                          "write it; see README 'Checkpoints'); use gs://, a local path "
+                          "or a mounted bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +54,10 @@ class MeshConfig:
 
     def dcn(self) -> dict[str, int]:
         return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "model": self.dcn_model}
+
+    def check(self) -> None:
+        """Axis sizes are checked against the devices when the mesh is built."""
+        _positive("mesh", self, "dcn_data", "dcn_fsdp", "dcn_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +80,18 @@ class OptimizerConfig:
     no_decay: list = dataclasses.field(default_factory=lambda: ["norm", "bias", "embedding"])
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
 
+    def check(self) -> None:
+        unknown = set(self.no_decay) - {"norm", "bias", "embedding"}
+        if unknown:
+            raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, "
+                              "bias, embedding")
+        for key in ("lr", "warmup_steps", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be in [0, 1)")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -76,6 +105,12 @@ class TrainConfig:
     # A NaN/Inf loss or gradient norm: "stop" the run (the last good checkpoint stays) or
     # "skip" the update and go on (counted as skipped_steps in the metrics).
     nonfinite: Literal["stop", "skip"] = "stop"
+
+    def check(self) -> None:
+        _positive("train", self, "steps", "batch_size", "microbatches", "seq_len", "log_every")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"train.batch_size={self.batch_size} does not divide by "
+                              f"train.microbatches={self.microbatches}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +133,21 @@ class DataConfig:
     cache_dir: str = "~/.cache/shardlm/prepared"  # where raw inputs are prepared
     max_bytes: int = 16_000_000  # cap on the stdlib corpus read
 
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _positive("data", self, "vocab_multiple", "prefetch")
+        _positive("data", self, "num_workers", "num_threads", minimum=0)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 0  # validation loss every this many steps and at the end; 0: off
     batches: int = 4  # global batches of the validation split per evaluation
+
+    def check(self) -> None:
+        _positive("eval", self, "every_steps", minimum=0)
+        _positive("eval", self, "batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +160,20 @@ class CheckpointConfig:
     save_timeout_s: float = 1800.0  # a save not committed by then stops the run
     resume_from: Optional[str] = None  # another run's checkpoint dir, or one step's dir
     load_params_only: bool = False  # with resume_from: parameters only (fine-tuning)
+
+    def check(self) -> None:
+        _positive("checkpoint", self, "every_steps", minimum=0)
+        _positive("checkpoint", self, "keep")
+        if self.keep_every is not None:
+            _positive("checkpoint", self, "keep_every")
+        if self.save_timeout_s <= 0:
+            raise ConfigError(f"checkpoint.save_timeout_s must be positive, got "
+                              f"{self.save_timeout_s}")
+        if self.load_params_only and not self.resume_from:
+            raise ConfigError("checkpoint.load_params_only needs checkpoint.resume_from (the "
+                              "checkpoint to take the parameters from)")
+        _not_s3("checkpoint.dir", self.dir)
+        _not_s3("checkpoint.resume_from", self.resume_from)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +188,19 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 20  # a silent peer stops the others after this long
     shutdown_timeout_s: int = 30
 
+    def check(self) -> None:
+        _positive("distributed", self, "init_timeout_s", "heartbeat_timeout_s",
+                  "shutdown_timeout_s")
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     peak_tflops: Optional[float] = None  # per device; None: looked up from the device kind
     tensorboard: bool = True  # event files in <output_dir>/tensorboard beside metrics.jsonl
+
+    def check(self) -> None:
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"metrics.peak_tflops must be positive, got {self.peak_tflops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +209,12 @@ class ProfileConfig:
     # <output_dir>/tensorboard/plugins/profile (TensorBoard's profile tab, xprof).
     start_step: Optional[int] = None
     steps: int = 3
+
+    def check(self) -> None:
+        if self.start_step is not None and (self.start_step < 1 or self.steps < 1):
+            raise ConfigError(f"profile.start_step={self.start_step}, profile.steps="
+                              f"{self.steps}: both must be at least 1 (profile.start_step="
+                              "null: no trace)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,22 +246,62 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
+def _fields(cls) -> dict[str, Any]:
+    """{field name: type hint} of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _all_keys(cls, prefix: str = "") -> list[str]:
     keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+    for name, hint in _fields(cls).items():
         if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, f"{prefix}{f.name}.")
+            keys += _all_keys(hint, f"{prefix}{name}.")
         else:
-            keys.append(f"{prefix}{f.name}")
+            keys.append(f"{prefix}{name}")
     return keys
 
 
-def _unknown(key: str, cls, prefix: str) -> ConfigError:
-    valid = _all_keys(Config)
-    close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {prefix + key!r}{hint}")
+def suggest(key: str) -> str | None:
+    """The valid key a mistyped dotted `key` most likely meant: each part corrected to
+    the closest name of its section (`trian.steps` -> `train.steps`), else the closest
+    key overall (`seed` -> `train.seed`)."""
+    cls, parts = Config, []
+    for part in key.split("."):
+        fields = _fields(cls) if cls is not None else {}
+        name = part if part in fields else next(
+            iter(difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)), None)
+        if name is None:
+            break
+        parts.append(name)
+        cls = fields[name] if dataclasses.is_dataclass(fields[name]) else None
+    else:
+        if cls is None and ".".join(parts) != key:
+            return ".".join(parts)
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _unknown(key: str, value: Any = None, where: str = "") -> ConfigError:
+    """The error for an unknown `key`; under an unknown section, the first key inside it
+    is named (`trian: {steps: 3}` is 'trian.steps'), which is what a user mistyped."""
+    while isinstance(value, dict) and value:
+        first = next(iter(value))
+        key, value = f"{key}.{first}", value[first]
+    close = suggest(key)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+
+
+def check_keys(values: dict, where: str = "", cls=None, prefix: str = "") -> None:
+    """Every key of a raw mapping (a YAML file, an override) names a config field."""
+    cls = cls or Config
+    fields = _fields(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(prefix + key, value, where)
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
+            check_keys(value, where, fields[key], f"{prefix}{key}.")
 
 
 def _describe(hint) -> str:
@@ -240,13 +353,12 @@ def _coerce(value: Any, hint, key: str) -> Any:
 
 
 def _build(cls, values: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise _unknown(key, cls, prefix)
-        hint = hints[key]
+            raise _unknown(prefix + key, value)
+        hint = fields[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix + key} must be a mapping of keys, got {value!r}")
@@ -275,11 +387,19 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _merge(base: dict, top: dict) -> dict:
+# Values that are mappings but replace an earlier value whole instead of merging into
+# it: a rules table is one table (a later `{preset: tp}` must not keep names an earlier
+# `{preset: fsdp, mlp: null}` set).
+REPLACED_WHOLE = {("sharding", "rules")}
+
+
+def merge(base: dict, top: dict, path: tuple[str, ...] = ()) -> dict:
+    """`top` over `base`, section by section (mappings merge key by key)."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "rules":
-            out[key] = _merge(out[key], value)
+        if (isinstance(value, dict) and isinstance(out.get(key), dict)
+                and path + (key,) not in REPLACED_WHOLE):
+            out[key] = merge(out[key], value, path + (key,))
         else:
             out[key] = value
     return out
@@ -293,17 +413,19 @@ def _resolve_base(name: str, relative_to: Path) -> Path:
 
 
 def load_file(path: Path, _seen: tuple = ()) -> dict:
-    """The merged raw mapping of `path` and its base configs."""
+    """The merged raw mapping of `path` and its base configs; a key unknown to the
+    schema is an error naming the file it is in."""
     resolved = path.resolve()
     if resolved in _seen:
         raise ConfigError(f"config {str(path)!r} names itself as a base (cycle)")
     data = _read_yaml(path)
     bases = data.pop("base", None) or []
+    check_keys(data, f" in {str(path)!r}")
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, load_file(_resolve_base(base, path.parent),
-                                          _seen + (resolved,)))
-    return _merge(merged, data)
+        merged = merge(merged, load_file(_resolve_base(base, path.parent),
+                                         _seen + (resolved,)))
+    return merge(merged, data)
 
 
 def parse_override(text: str) -> dict:
@@ -321,7 +443,12 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+def override_key(text: str) -> str:
+    """The dotted key of a key=value override."""
+    return text.split("=", 1)[0].strip()
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Config from a YAML file (default configs/default.yaml) and key=value overrides."""
     if path is None:
         path_obj = Path("configs/default.yaml")
@@ -331,8 +458,21 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         path_obj = Path(path)
     raw = load_file(path_obj)
     raw.setdefault("name", path_obj.stem)
+    return with_overrides(raw, overrides)
+
+
+def with_overrides(raw: dict, overrides: Sequence[str] = (),
+                   keep: Callable[[str], bool] = lambda key: True) -> Config:
+    """A validated Config from a raw mapping (a file's, or one saved beside a
+    checkpoint) with the `overrides` whose key `keep` accepts applied on top."""
     for text in overrides:
-        raw = _merge(raw, parse_override(text))
+        if keep(override_key(text)):
+            raw = merge(raw, parse_override(text))
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    """A validated Config from a nested dict (e.g. one saved beside a checkpoint)."""
     cfg = _build(Config, raw)
     validate(cfg)
     return embedded_vocab(cfg)
@@ -352,64 +492,22 @@ def with_vocab(cfg: Config, vocab_size: int) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Checks across keys that need no devices."""
+    """Every section's own checks, then those that span sections; no devices needed."""
     try:
         cfg.model.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    t = cfg.train
-    for key in ("steps", "batch_size", "microbatches", "seq_len", "log_every"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if t.batch_size % t.microbatches:
-        raise ConfigError(f"train.batch_size={t.batch_size} does not divide by "
-                          f"train.microbatches={t.microbatches}")
-    if t.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
+    for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.data, cfg.eval, cfg.checkpoint,
+                    cfg.distributed, cfg.metrics, cfg.profile):
+        section.check()
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
     if (cfg.data.path is None and cfg.data.source == "stdlib"
             and cfg.model.vocab_size is not None and cfg.model.vocab_size < 256):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the "
                           "byte-level stdlib corpus: it needs at least 256")
-    prof = cfg.profile
-    if prof.start_step is not None and (prof.start_step < 1 or prof.steps < 1):
-        raise ConfigError(f"profile.start_step={prof.start_step}, profile.steps={prof.steps}: "
-                          "both must be at least 1 (profile.start_step=null: no trace)")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    d = cfg.data
-    for key in ("vocab_multiple", "prefetch"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
-    for key in ("num_workers", "num_threads"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
-    if cfg.eval.every_steps < 0 or cfg.eval.batches < 1:
-        raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
-    c = cfg.checkpoint
-    if c.every_steps < 0 or c.keep < 1 or (c.keep_every is not None and c.keep_every < 1):
-        raise ConfigError("checkpoint.every_steps must be >= 0, checkpoint.keep >= 1 and "
-                          "checkpoint.keep_every >= 1 or null")
-    if c.load_params_only and not c.resume_from:
-        raise ConfigError("checkpoint.load_params_only needs checkpoint.resume_from (the "
-                          "checkpoint to take the parameters from)")
-    for key in ("output_dir", "checkpoint.dir", "checkpoint.resume_from"):
-        value = cfg.output_dir if key == "output_dir" else getattr(c, key.split(".")[1])
-        if value and value.startswith("s3://"):
-            raise ConfigError(f"{key}={value!r}: s3:// is not supported (Orbax 0.12 cannot "
-                              "write it; see README 'Checkpoints'); use gs://, a local path "
-                              "or a mounted bucket")
-    unknown = set(cfg.optimizer.no_decay) - {"norm", "bias", "embedding"}
-    if unknown:
-        raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, bias, "
-                          "embedding")
-
-
-def from_dict(raw: dict) -> Config:
-    """A validated Config from a nested dict (e.g. one saved beside a checkpoint)."""
-    cfg = _build(Config, raw)
-    validate(cfg)
-    return embedded_vocab(cfg)
+    _not_s3("output_dir", cfg.output_dir)
 
 
 def to_dict(cfg: Config) -> dict:

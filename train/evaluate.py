@@ -1,12 +1,28 @@
-"""Evaluation during training: validation loss over a fixed set of batches."""
+"""Validation loss over a fixed set of batches: during training (`Evaluator`) and for a
+trained model (`evaluate`, what `python -m train.eval` runs)."""
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from train.config import Config
-from train.step import jit_eval_step
-from train.xla_flags import compile_options
+from train.startup import compile_options
+from train.step import eval_sums, jit_eval_step
+
+
+def mean_loss(eval_fn: Callable, arg, batches) -> tuple[jax.Array, jax.Array]:
+    """(mean loss, tokens counted) of eval_fn(arg, batch) sums over `batches`, as device
+    scalars: nothing here waits for the device."""
+    loss_sum = weight = jnp.zeros((), jnp.float32)
+    for batch in batches:
+        out = eval_fn(arg, batch)
+        loss_sum, weight = loss_sum + out["loss_sum"], weight + out["weight"]
+    return loss_sum / jnp.maximum(weight, 1.0), weight
 
 
 class Evaluator:
@@ -33,8 +49,15 @@ class Evaluator:
             self.fn = jit_eval_step(
                 self.state_shardings, {k: self.batch_sharding for k in self.cached[0]}
             ).lower(state, self.cached[0]).compile(compile_options(self.state_shardings))
-        loss_sum = weight = jnp.zeros((), jnp.float32)
-        for batch in self.cached:
-            out = self.fn(state, batch)
-            loss_sum, weight = loss_sum + out["loss_sum"], weight + out["weight"]
-        return {"eval_loss": loss_sum / jnp.maximum(weight, 1.0)}
+        return {"eval_loss": mean_loss(self.fn, state, self.cached)[0]}
+
+
+def evaluate(model, batches, num_batches: int) -> dict:
+    """{"loss", "perplexity", "tokens", "batches"} of `model` (an nnx Transformer) over
+    the first `num_batches` global batches of the validation split of `batches`."""
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(lambda p, b: eval_sums(nnx.merge(graphdef, p), b))
+    loss, weight = mean_loss(fn, params, (batches.eval_batch(i) for i in range(num_batches)))
+    loss = float(loss)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(weight),
+            "batches": num_batches}

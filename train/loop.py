@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -14,59 +14,25 @@ from etils import epath
 from tqdm import tqdm
 
 import sharding
-from sharding import distributed
+from train import startup
 from train.checkpoint import Checkpoints, start_state
-from train.config import Config, ConfigError, to_dict
-from train.data import make_batches, resolve_data, tokens_per_step
-from train.metrics import (MetricsLog, TensorBoard, flops_per_token, format_row,
-                           peak_flops_per_device)
-from train.profiler import StepProfiler
-from train.state import batch_sharding, check_batch_fits, plan_state
+from train.config import Config, to_dict
+from train.data.batches import make_batches, tokens_per_step
+from train.data.resolve import resolve_data, tokenizer_file
+from train.errors import ConfigError, Preempted, TrainingStopped
 from train.evaluate import Evaluator
+from train.metrics import (
+    MetricsLog,
+    TensorBoard,
+    flops_per_token,
+    format_row,
+    peak_flops_per_device,
+)
+from train.plan import plan
+from train.profiler import StepProfiler
 from train.step import jit_train_step
-from train.xla_flags import compile_options
 
 log = logging.getLogger("train")
-
-
-def setup_logging(is_main: bool = True) -> None:
-    """INFO lines on stdout from process 0; other processes only warn."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-
-
-def start_processes(cfg: Config) -> str | None:
-    """jax.distributed when several processes take part; before any other JAX call."""
-    d = cfg.distributed
-    mode = {None: "auto", True: "on", False: "off"}[d.enabled]
-    cluster = distributed.from_env(d.coordinator, d.num_processes, d.process_id)
-    return distributed.initialize(mode, cluster, init_timeout_s=d.init_timeout_s,
-                                  heartbeat_timeout_s=d.heartbeat_timeout_s,
-                                  shutdown_timeout_s=d.shutdown_timeout_s)
-
-
-def enable_compile_cache(cache_dir: str | None) -> None:
-    """Persistent XLA compilation cache: a second start of the same config skips
-    compiling."""
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped itself (non-finite loss); the message says why and what to do."""
-
-
-class Preempted(SystemExit):
-    """SIGTERM: a checkpoint was written; exit 143 (128 + SIGTERM) so schedulers see an
-    incomplete run, and a rerun of the same command resumes."""
-
-    def __init__(self):
-        super().__init__(143)
 
 
 def check_writable(path: str) -> None:
@@ -99,153 +65,152 @@ class SigtermFlag:
         return self.received
 
 
+class Outputs:
+    """What a run writes as it goes: metrics.jsonl, TensorBoard events, a profiler
+    trace, the progress bar and the console rows. `close()` ends each once."""
+
+    def __init__(self, cfg: Config, start: int, is_main: bool):
+        out_dir, steps = cfg.run_dir.rstrip("/"), cfg.train.steps
+        self.is_main, self.rows = is_main, []
+        self.metrics = MetricsLog(
+            f"{out_dir}/metrics.jsonl", tokens_per_step=tokens_per_step(cfg),
+            flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+            num_devices=jax.device_count(),
+            peak_flops=peak_flops_per_device(jax.devices()[0], cfg.metrics.peak_tflops),
+            write=is_main, start_step=start)
+        self.board = TensorBoard(f"{out_dir}/tensorboard", cfg.metrics.tensorboard and is_main,
+                                 log.warning)
+        self.profiler = StepProfiler(cfg.profile.start_step, cfg.profile.steps,
+                                     f"{out_dir}/tensorboard", log)
+        self.bar = tqdm(total=steps, initial=start, disable=None if is_main else True,
+                        dynamic_ncols=True, desc="train", file=sys.stdout)
+
+    def flush(self) -> None:
+        """Log the pushed steps: metrics.jsonl, TensorBoard, and the console."""
+        new_rows = self.metrics.flush()
+        self.board.write(new_rows)
+        for row in new_rows:
+            self.rows.append(row)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}",
+                                 tok_s=f"{row['tokens_per_sec']:,.0f}")
+            if self.is_main and not self.bar.disable:
+                self.bar.write(format_row(row))
+            elif self.is_main:
+                log.info(format_row(row))
+
+    def close(self) -> None:
+        self.profiler.stop()
+        self.board.close()
+        self.bar.close()
+
+
 def run(cfg: Config) -> list[dict]:
     """Train per `cfg`, resuming from its latest checkpoint; returns the logged rows."""
-    # Processes: one per host, joined by JAX's multi-controller runtime when several.
-    processes = start_processes(cfg)
-    is_main = jax.process_index() == 0
-    setup_logging(is_main)
-    if processes:
-        log.info("distributed: %s", processes)
-    out_dir = cfg.run_dir
-    enable_compile_cache(cfg.compile_cache_dir)
+    # Processes: one per host, joined by JAX's multi-controller runtime when several;
+    # logging from process 0, the compilation cache.
+    is_main = startup.start(cfg)
     if is_main:
-        check_writable(out_dir)
+        check_writable(cfg.run_dir)
 
     # Data source: a prepared directory (raw inputs are prepared on the fly) or the
     # embedded corpus; the tokenizer settles the vocabulary size.
     cfg, data_path = resolve_data(cfg)
 
-    # Mesh: named axes over all devices; one -1 axis takes the rest.
-    mesh = sharding.make_mesh(cfg.mesh.axes(), dcn=cfg.mesh.dcn())
-    check_batch_fits(cfg, mesh)
-    log.info("mesh %s on %s (%s)", sharding.describe(mesh), jax.default_backend(),
+    # Mesh (named axes over all devices), rules (logical axis -> mesh axes), and the
+    # state planned on them: abstract arrays and their shardings.
+    p = plan(cfg)
+    log.info("mesh %s on %s (%s)", sharding.describe(p.mesh), jax.default_backend(),
              jax.devices()[0].device_kind)
 
-    # Rules: logical axis -> mesh axes.
-    rules = sharding.make_rules(cfg.sharding.rules, mesh.axis_names)
+    # Teardown, once on every way out (the end, preemption, a non-finite stop, a failed
+    # save, Ctrl-C): outputs, then data workers, then the checkpoint manager.
+    with contextlib.ExitStack() as teardown:
+        # State: the latest checkpoint, checkpoint.resume_from, or jit(init), straight
+        # into the planned shardings.
+        ckpts = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint)
+        teardown.callback(ckpts.close)
+        latest = ckpts.latest_step()  # a directory listing (remote on gs://): read it once
+        if latest is not None and latest >= cfg.train.steps:
+            log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
+                     latest, ckpts.directory, cfg.train.steps)
+            return []
+        state, start, data_position = start_state(p, ckpts, latest)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
+                 cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
+                 cfg.sharding.rules)
 
-    # State: abstract plan -> shardings -> latest checkpoint, resume_from, or jit(init).
-    init, abstract, state_shardings = plan_state(cfg, mesh, rules)
-    ckpts = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint)
-    steps = cfg.train.steps
-    latest = ckpts.latest_step()  # a directory listing (remote on gs://): read it once
-    if latest is not None and latest >= steps:
-        log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
-                 latest, ckpts.directory, steps)
-        ckpts.close()
-        return []
-    state, start, data_position = start_state(cfg, ckpts, init, abstract, state_shardings, log)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
-             cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
-             cfg.sharding.rules)
+        # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
+        # function of (data, seed, i), so a resumed run continues the same stream.
+        batches = make_batches(cfg, p.batch_sharding, data_path)
+        teardown.callback(batches.close)
+        batches.check_resume(data_position)
 
-    # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
-    # function of (data, seed, i), so a resumed run continues the same stream.
-    batch_layout = batch_sharding(cfg, mesh, rules)
-    batches = make_batches(cfg, batch_layout, data_path)
-    batches.check_resume(data_position)
-    try:
-        return train_loop(cfg, ckpts, batches, batch_layout, state, state_shardings, start)
-    finally:
-        batches.close()
+        # Step: jit with explicit in/out shardings, donated state; compiled up front.
+        first = batches.batch(start)
+        t0 = time.perf_counter()
+        step_fn = jit_train_step(p.shardings, {k: p.batch_sharding for k in first})
+        step_fn = step_fn.lower(state, first).compile(startup.compile_options(p.shardings))
+        log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        evaluate = Evaluator(cfg, batches, p.batch_sharding, p.shardings)
+
+        # Outputs: the resolved config and the tokenizer beside the metrics (rows past
+        # `start` dropped), so generation and export read what the run trained with.
+        config_dict = to_dict(cfg)
+        if is_main:
+            run_dir = epath.Path(cfg.run_dir)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            tokenizer = tokenizer_file(data_path)
+            if tokenizer is not None:  # the prepared copy: tokenizer.json or .model
+                (run_dir / tokenizer.name).write_bytes(tokenizer.read_bytes())
+        out = Outputs(cfg, start, is_main)
+        teardown.callback(out.close)
+
+        train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict)
+    if is_main and out.rows:
+        run_dir = cfg.run_dir.rstrip("/")
+        log.info("done: %d steps, final loss %.4f | metrics %s/metrics.jsonl | checkpoint "
+                 "step %d in %s | next: python -m train.generate --checkpoint %s --prompt "
+                 "\"...\"; python -m train.plot %s", cfg.train.steps, out.rows[-1]["loss"],
+                 run_dir, cfg.train.steps, ckpts.directory, run_dir, run_dir)
+    return out.rows
 
 
-def train_loop(cfg: Config, ckpts: Checkpoints, batches, batch_layout, state,
-               state_shardings, start: int) -> list[dict]:
-    """Compile, then step from `start` to train.steps with metrics, evaluation and
-    checkpoints."""
-    is_main, out_dir, steps = jax.process_index() == 0, cfg.run_dir, cfg.train.steps
-
-    # Step: jit with explicit in/out shardings, donated state; compiled up front.
-    first = batches.batch(start)
-    step_fn = jit_train_step(state_shardings, {k: batch_layout for k in first})
-    t0 = time.perf_counter()
-    step_fn = step_fn.lower(state, first).compile(compile_options(state_shardings))
-    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
-    evaluate = Evaluator(cfg, batches, batch_layout, state_shardings)
-
-    # Output: resolved config beside the metrics; metrics past `start` are dropped.
-    config_dict = to_dict(cfg)
-    if is_main:
-        (epath.Path(out_dir) / "config.yaml").write_text(
-            yaml.safe_dump(config_dict, sort_keys=False))
-    metrics = MetricsLog(f"{out_dir.rstrip('/')}/metrics.jsonl",
-                         tokens_per_step=tokens_per_step(cfg),
-                         flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                         num_devices=jax.device_count(),
-                         peak_flops=peak_flops_per_device(jax.devices()[0],
-                                                          cfg.metrics.peak_tflops),
-                         write=is_main, start_step=start)
-
-    board = TensorBoard(f"{out_dir.rstrip('/')}/tensorboard", cfg.metrics.tensorboard and is_main,
-                        log.warning)
-    profiler = StepProfiler(cfg.profile.start_step, cfg.profile.steps,
-                            f"{out_dir.rstrip('/')}/tensorboard", log)
-
-    rows: list[dict] = []
-    bar = tqdm(total=steps, initial=start, disable=None if is_main else True,
-               dynamic_ncols=True, desc="train", file=sys.stdout)
-
-    def flush() -> None:
-        """Log the pushed steps: metrics.jsonl, TensorBoard, and the console."""
-        new_rows = metrics.flush()
-        board.write(new_rows)
-        for row in new_rows:
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
-            if is_main and not bar.disable:
-                bar.write(format_row(row))
-            elif is_main:
-                log.info(format_row(row))
-
-    def save(step: int) -> None:
-        meta = {"step": step, "data": batches.position(step)}
-        ckpts.save(step, state, meta, config_dict)
-
-    # Loop: metrics and the non-finite flag are read one step late, so the host never
-    # stalls the device (a checkpointed step's own row is logged before its save);
-    # checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
+def train_loop(cfg: Config, state, start: int, step_fn, batches, evaluate: Evaluator,
+               ckpts: Checkpoints, out: Outputs, config_dict: dict) -> None:
+    """Steps start+1 .. train.steps: metrics and the non-finite flag are read one step
+    late, so the host never stalls the device (a checkpointed step's own row is logged
+    before its save); checkpoints every checkpoint.every_steps, at the end, on SIGTERM."""
+    steps, every = cfg.train.steps, cfg.checkpoint.every_steps
     preempted = SigtermFlag(ckpts)
-    metrics.start(start)
+    out.metrics.start(start)
     previous = None  # (step, metrics) of the step before the one just dispatched
-    every = cfg.checkpoint.every_steps
     for step in range(start + 1, steps + 1):
-        profiler.before(step)
+        out.profiler.before(step)
         state, step_metrics = step_fn(state, batches.batch(step - 1))
-        profiler.after(step, state)
+        out.profiler.after(step, state)
         if previous is not None:
             check_finite(cfg, *previous, ckpts)
-        flush()
+        out.flush()
         eval_metrics = evaluate(step, state)
         if step % cfg.train.log_every == 0 or step == steps or eval_metrics:
-            metrics.push(step, {**step_metrics, **eval_metrics})
+            out.metrics.push(step, {**step_metrics, **eval_metrics})
         previous = (step, step_metrics)
-        bar.update(1)
+        out.bar.update(1)
         stop = preempted(step)
         if (every and step % every == 0) or step == steps or stop:
             check_finite(cfg, step, step_metrics, ckpts)  # never save past a bad step
-            flush()  # the step's row is timed and logged before its checkpoint is written
-            save(step)
+            out.flush()  # the step's row is timed and logged before its checkpoint
+            ckpts.save(step, state, {"step": step, "data": batches.position(step)},
+                       config_dict)
         if stop:
-            profiler.stop(state)
+            out.profiler.stop(state)
             ckpts.wait()
-            board.close()
-            bar.close()
             log.info("preempted (SIGTERM): saved step %d to %s; rerun the same command to "
                      "resume", step, ckpts.directory)
-            ckpts.close()
-            raise Preempted()
-    profiler.stop(state)
-    board.close()
-    bar.close()
+            raise Preempted(f"preempted at step {step}")
+    out.profiler.stop(state)
     ckpts.wait()
-    ckpts.close()
-    if is_main and rows:
-        log.info("done: %d steps, final loss %.4f, metrics in %s", steps, rows[-1]["loss"],
-                 f"{out_dir.rstrip('/')}/metrics.jsonl")
-    return rows
 
 
 def check_finite(cfg: Config, step: int, step_metrics: dict, ckpts: Checkpoints) -> None:

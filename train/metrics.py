@@ -1,12 +1,16 @@
-"""FLOPs, MFU and metric logging (metrics.jsonl), without a host sync every step.
+"""FLOPs, MFU and metric logging (metrics.jsonl), without a host sync every step; and a
+plot of a run's losses.
 
-MFU formula (as nanoGPT and the PaLM paper count it):
-    flops_per_token = 6 * N + 12 * L * D_attn * T
-N: parameters without the position table (a tied head counted once), L: layers,
-D_attn: num_heads * head_size, T: sequence length. The 6N term is the forward and
-backward matmuls with the weights; the 12*L*D*T term is attention's QK^T and AV.
+MFU formula: the matmuls that run, forward and backward (the PaLM paper's count):
+    flops_per_token = 6 * M + 12 * L * D_attn * T
+M: the weights that multiply activations: every layer's projections and the output
+head (a tied head is the embedding table, counted once; an untied model's input
+embedding is a lookup, not a matmul, and is left out, as are the position table, norm
+scales and biases). L: layers, D_attn: num_heads * head_size, T: sequence length; the
+12*L*D*T term is attention's QK^T and AV over every (query, key) pair.
     MFU = tokens_per_sec * flops_per_token / (num_devices * peak_flops_per_device)
-Remat recomputation is not counted (it is overhead, not useful work).
+Remat recomputation is not counted (it is overhead, not useful work). The README
+compares this with nanoGPT's and MaxText's counts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from models import ModelConfig, count_params
+from models import ModelConfig, count_matmul_params
 
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -61,9 +65,8 @@ def peak_bandwidth_per_device(device: jax.Device) -> float | None:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    n = count_params(cfg, exclude_positions=True)
     attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
-    return 6 * n + attn
+    return 6 * count_matmul_params(cfg) + attn
 
 
 class MetricsLog:
@@ -131,8 +134,9 @@ class MetricsLog:
 
 def format_row(row: dict) -> str:
     mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+    lr = ("update dropped (non-finite)" if row.get("nonfinite") else f"lr {row['lr']:.2e}")
     return (f"step {row['step']:>6} | loss {row['loss']:.4f} | grad_norm {row['grad_norm']:.3f}"
-            f" | lr {row['lr']:.2e} | {row['tokens_per_sec']:,.0f} tok/s"
+            f" | {lr} | {row['tokens_per_sec']:,.0f} tok/s"
             f" | {1000 * row['step_time_s']:.1f} ms/step"
             f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}"
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"

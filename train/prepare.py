@@ -9,26 +9,19 @@ directory. The tokenizer: byte (default), a tokenizer.json or a SentencePiece .m
 data.eos_token come from the config.
 """
 
-from __future__ import annotations
-
-from train.cli import guarded, parse, parser
+from train import cli
+from train.data.prepared import prepare
 
 
 def main(argv=None) -> None:
-    p = parser("Tokenize a corpus once into a prepared data directory.")
+    p = cli.parser("Tokenize a corpus once into a prepared data directory.")
     p.add_argument("--input", required=True, help="file, directory or glob (quote it)")
     p.add_argument("--output", required=True, help="prepared directory to write")
     p.add_argument("--tokenizer", default=None,
                    help="byte, tokenizer.json or SentencePiece .model (default: data.tokenizer)")
-    cfg, args = parse(p, argv)
-    d = cfg.data
-
-    def go():
-        from train.data.prepared import prepare
-        prepare(args.input, args.output, args.tokenizer or d.tokenizer,
-                text_field=d.text_field, val_fraction=d.val_fraction, eos_token=d.eos_token)
-
-    guarded(go)
+    cli.main(p, argv, lambda cfg, a: prepare(
+        a.input, a.output, a.tokenizer or cfg.data.tokenizer, text_field=cfg.data.text_field,
+        val_fraction=cfg.data.val_fraction, eos_token=cfg.data.eos_token))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
-"""Sharded train state, built abstract-first so no full-size array sits on one device.
-
-`build_state(cfg, mesh)` is the public builder: config + mesh -> sharded TrainState.
-"""
+"""The train state (parameters, optimizer state, counters) and its pure initializer;
+`train.plan` plans it on a mesh and `build_state` builds it there."""
 
 from __future__ import annotations
 
@@ -12,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 import sharding
 from models import Transformer
-from train.config import Config, ConfigError
+from train.config import Config
 from train.optimizer import make_optimizer
-from train.xla_flags import compile_options
+from train.startup import compile_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,55 +71,9 @@ def make_init(cfg: Config, mesh: Mesh, rules) -> Callable[[jax.Array], TrainStat
     return init
 
 
-def plan_state(cfg: Config, mesh: Mesh, rules) -> tuple[Callable, TrainState, Any]:
-    """(init, abstract state, shardings): everything but the arrays themselves."""
-    init = make_init(cfg, mesh, rules)
-    abstract = jax.eval_shape(init, jax.random.key(cfg.train.seed))
-    return init, abstract, state_shardings(abstract, mesh, rules)
-
-
-def build_state(cfg: Config, mesh: Mesh, rules=None) -> tuple[TrainState, Any]:
-    """Sharded TrainState for `cfg` on `mesh`, and the shardings it was built with.
-
-    Abstract first: eval_shape the init, resolve shardings from logical axes, then
-    jit(init, out_shardings) so every array is created already distributed.
-    """
-    rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
-                                                                mesh.axis_names)
-    init, _, shardings = plan_state(cfg, mesh, rules)
-    return init_state(init, shardings, cfg.train.seed), shardings
-
-
 def init_state(init: Callable[[jax.Array], TrainState], shardings: Any, seed: int
                ) -> TrainState:
     """jit(init) with `shardings` as its output layout, run once on the seed's key."""
     key = jax.random.key(seed)
     init_fn = jax.jit(init, out_shardings=shardings).lower(key)
     return init_fn.compile(compile_options(shardings))(key)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_shape(cfg: Config) -> tuple[int, int, int]:
-    """A global batch entry's shape: (microbatches, sequences per microbatch, length)."""
-    t = cfg.train
-    return (t.microbatches, t.batch_size // t.microbatches, t.seq_len)
-
-
-def batch_sharding(cfg: Config, mesh: Mesh, rules) -> NamedSharding:
-    """Every batch entry's layout: sequences over the batch mesh axes."""
-    return NamedSharding(mesh, sharding.logical_to_spec((None, "batch", None),
-                                                        batch_shape(cfg), rules, mesh, "batch"))
-
-
-def check_batch_fits(cfg: Config, mesh) -> None:
-    """The per-microbatch batch must split evenly over the batch mesh axes."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.microbatches
-    if micro % ways:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} / train.microbatches="
-            f"{cfg.train.microbatches} = {micro} sequences per microbatch do not divide by "
-            f"mesh data x fsdp = {ways}; change the batch size or the mesh")

@@ -9,6 +9,8 @@ its own rows of it, so a resumed run continues the same stream, on any number of
 - PackedBatches: a prepared directory (data.path), read by a Grain pipeline: packed
   sequences shuffled per epoch by seed, rows of the batch for this host, worker
   processes and prefetch; its position (next batch) goes into every checkpoint.
+
+`make_batches(cfg, sharding, path)` picks one for the train loop.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from __future__ import annotations
 import logging
 import sys
 
+import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 
 from train.config import Config
 from train.data.packing import HostRows, PackedSequences
 from train.data.prepared import read_meta
-from train.data.sources import DataError
-from train.data.stdlib import Corpus, local_rows, synthetic_batch, window_batch
+from train.data.stdlib import Corpus, load_stdlib_corpus, local_rows, synthetic_batch, window_batch
+from train.errors import DataError
 
 log = logging.getLogger("train")
 
@@ -77,7 +81,6 @@ def grain_flags_parsed() -> None:
     """Grain's worker processes read an absl flag, which raises when the program did not
     parse absl flags (as plain scripts don't): mark them parsed, keeping their defaults
     (google/grain#1355)."""
-    from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -89,7 +92,6 @@ class PackedBatches:
 
     def __init__(self, cfg: Config, sharding: NamedSharding, path: str, *,
                  process_index: int | None = None, process_count: int | None = None):
-        import grain
         self.cfg, self.sharding, self.path = cfg, sharding, path
         self.meta = read_meta(path)
         d, t = cfg.data, cfg.train
@@ -109,7 +111,6 @@ class PackedBatches:
 
     def _start(self, step: int) -> None:
         """A Grain iterator over batches step, step + 1, ... of this process."""
-        import grain
         self.close()
         d = self.cfg.data
         ds = grain.MapDataset.range(step, sys.maxsize).map(
@@ -175,3 +176,29 @@ class PackedBatches:
         if self.iterator is not None and hasattr(self.iterator, "close"):
             self.iterator.close()
         self.iterator, self.next_step, self.cached = None, None, None
+
+
+def make_batches(cfg: Config, sharding, path: str | None):
+    """The train loop's batches: PackedBatches over a prepared directory, else the
+    embedded stdlib corpus or synthetic tokens."""
+    if path is not None:
+        batches = PackedBatches(cfg, sharding, path)
+        meta = batches.meta
+        log.info("data: %s, %s tokenizer (%d tokens, EOS %d), %s train / %s val tokens, "
+                 "%d sequences of %d per epoch%s", path, meta["tokenizer_kind"],
+                 meta["vocab_size"], meta["eos_id"], f"{meta['splits']['train']['tokens']:,}",
+                 f"{meta['splits']['val']['tokens']:,}", batches.num_sequences,
+                 cfg.train.seq_len, ", documents masked" if cfg.data.mask_documents else "")
+        return batches
+    corpus = None
+    if cfg.data.source == "stdlib":
+        corpus = load_stdlib_corpus(cfg.data.max_bytes, cfg.data.val_fraction)
+        log.info("data: stdlib corpus, %d files, %.1fM train / %.2fM val bytes; reference: "
+                 "unigram entropy %.3f nats/token", corpus.num_files,
+                 corpus.train_BYTES.size / 1e6, corpus.val_BYTES.size / 1e6,
+                 corpus.unigram_entropy())
+    return WindowBatches(cfg, sharding, corpus)
+
+
+def tokens_per_step(cfg: Config) -> int:
+    return cfg.train.batch_size * cfg.train.seq_len

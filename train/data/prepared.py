@@ -24,8 +24,9 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from train.data.sources import DataError, documents, expand
+from train.data.sources import documents, expand
 from train.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from train.errors import DataError
 
 FORMAT = "shardlm-tokens/1"
 SPLITS = ("train", "val")
@@ -41,10 +42,6 @@ class Split:
     """One split, memory-mapped: tokens_N (N,) and offsets_D1 (documents + 1,)."""
     tokens_N: np.ndarray
     offsets_D1: np.ndarray
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.offsets_D1) - 1
 
 
 def open_split(path: str | Path, split: str) -> Split:

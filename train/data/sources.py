@@ -14,11 +14,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from train.config import ConfigError
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-
-class DataError(ConfigError):
-    """Bad input data: printed as one `error: ...` line, exit code 2."""
+from train.errors import DataError
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -85,6 +84,9 @@ def read_text(path: Path) -> str:
     data = path.read_bytes()
     if not data.strip():
         raise EmptyFileError(f"{path}: the file is empty; remove it or fill it")
+    if b"\0" in data[:8192]:  # as git tells binary files: text has no NUL bytes
+        raise DataError(f"{path}: binary, not text: leave it out of the input (or use a glob "
+                        "that matches only the text files)")
     return decode(data, str(path))
 
 
@@ -117,14 +119,12 @@ def _column(table, path, field: str):
         raise DataError(f"{path}: no column {field!r} (has: {', '.join(table.column_names)}); "
                         "set data.text_field to the column holding the text")
     column = table.column(field)
-    import pyarrow as pa
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise DataError(f"{path}: column {field!r} is {column.type}, not text")
     return column
 
 
 def parquet_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - a corrupt or non-Parquet file
@@ -140,7 +140,6 @@ def parquet_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, 
 def hf_dataset_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, str]]:
     """A `datasets` save_to_disk directory, read with pyarrow (its shards are Arrow IPC
     streams listed in state.json). A DatasetDict is read from its "train" split."""
-    import pyarrow as pa
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
         if "train" not in splits:

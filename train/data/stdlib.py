@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-
 DOC_SEPARATOR = 0  # byte 0 between files; it never occurs in Python source text
 
 

@@ -11,7 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from train.data.sources import DataError
+import sentencepiece as spm
+import tokenizers
+
+from train.data.sources import documents
+from train.errors import DataError
 
 # Tried in this order when data.eos_token is not set.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
@@ -43,9 +47,8 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: str, eos_token: str | None):
-        from tokenizers import Tokenizer as _Tokenizer
         try:
-            self.tok = _Tokenizer.from_file(path)
+            self.tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 - a missing or malformed file
             raise DataError(f"data.tokenizer={path!r} is not a readable Hugging Face "
                             f"tokenizer.json ({type(e).__name__}: {str(e)[:200]})") from None
@@ -73,7 +76,6 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
 
     def __init__(self, path: str, eos_token: str | None):
-        import sentencepiece as spm
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except Exception as e:  # noqa: BLE001 - a missing or malformed file
@@ -123,15 +125,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str,
               eos_token: str = "<|endoftext|>") -> int:
     """Train a byte-level BPE (GPT-2 style: no unknown tokens, any text round-trips) with
     `eos_token` as its one special token; writes a tokenizer.json, returns its size."""
-    from tokenizers import Tokenizer as _Tokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = _Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     tok.save(output)
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+def train_tokenizer(inputs: str, output: str, vocab_size: int, text_field: str = "text") -> str:
+    """A byte-level BPE trained on the documents of `inputs` (as data.path reads them),
+    written to `output`; returns the line that says so."""
+    if vocab_size < 257:
+        raise DataError(f"--vocab-size={vocab_size}: a byte-level BPE needs at least 257 "
+                        "(256 bytes and the end-of-document token)")
+    size = train_bpe((text for _, text in documents(inputs, text_field)), vocab_size, output)
+    return (f"trained a byte-level BPE tokenizer with {size:,} tokens on {inputs}; wrote "
+            f"{output}; use it with data.tokenizer={output}")

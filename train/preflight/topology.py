@@ -11,6 +11,8 @@ import dataclasses
 import os
 import re
 
+from jax.experimental import topologies
+
 from sharding.mesh import MeshError
 
 GIB = 1024 ** 3
@@ -101,7 +103,6 @@ def devices(topology: Topology, slices: int = 1) -> list:
                           f"{accelerator}-{topology.chips * gen.cores_per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's warnings
     try:
-        from jax.experimental import topologies
         desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", num_slices=slices,
                                             wrap=topology.wrap)
     except Exception as e:  # noqa: BLE001 - libtpu missing or the name unsupported

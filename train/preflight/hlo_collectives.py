@@ -66,7 +66,7 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
 
 
 def _definition(lines: list[str], name: str) -> str:
-    return next((l for l in lines if re.match(rf"\s*(?:ROOT\s+)?%?{re.escape(name)}\s*=", l)),
+    return next((ln for ln in lines if re.match(rf"\s*(?:ROOT\s+)?%?{re.escape(name)}\s*=", ln)),
                 "")
 
 
@@ -94,7 +94,7 @@ def trip_count(line: str, comps: dict[str, list[str]], caller: list[str] = ()) -
         return int(m.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", line)
     cond_lines = comps.get(cond.group(1), []) if cond else []
-    root = next((l for l in cond_lines if "ROOT" in l and " compare(" in l), "")
+    root = next((ln for ln in cond_lines if "ROOT" in ln and " compare(" in ln), "")
     if "direction=LT" not in root:
         return None
     lhs, rhs = (_operands(root, "compare") + ["", ""])[:2]
@@ -103,7 +103,7 @@ def trip_count(line: str, comps: dict[str, list[str]], caller: list[str] = ()) -
         return None
     body = re.search(r"body=%?([\w.\-]+)", line)
     body_lines = comps.get(body.group(1), []) if body else []
-    out = next((l for l in body_lines if "ROOT" in l and " tuple(" in l), "")
+    out = next((ln for ln in body_lines if "ROOT" in ln and " tuple(" in ln), "")
     next_values = _operands(out, "tuple")
     init = _definition(caller, (_operands(line, "while") + [""])[0])
     init_values = _operands(init, "tuple") if " tuple(" in init else []
@@ -227,8 +227,8 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
             start_line = line
             if op.endswith("-done"):  # groups are on the matching -start
                 operand = re.search(rf"{re.escape(op)}\(%?([\w.\-]+)", line)
-                start_line = next((l for l in lines if operand and
-                                   re.match(rf"\s*%?{re.escape(operand.group(1))}\s*=", l)),
+                start_line = next((ln for ln in lines if operand and
+                                   re.match(rf"\s*%?{re.escape(operand.group(1))}\s*=", ln)),
                                   line)
             item = Collective(base, shape_bytes(type_text) * runs, runs,
                               group_axes(start_line, mesh_shape))

@@ -1,0 +1,70 @@
+"""The key/value cache that lets the Transformer run incrementally (prefill, then decode).
+
+A batch of prompts is left-padded to a common length: every sequence writes its next
+tokens into the same cache slots, so one scalar `index` says where the new tokens go. A
+sequence's `pad_B` leading slots are padding: no query attends to them, and its
+positions count from its first real token, so a padded prompt produces what it would
+alone. Keys and values of all layers are held in the compute dtype, (L, B, S, K, H)
+each, with logical axes (batch over the batch mesh axes, kv heads like the weights).
+
+Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.layers import Constrain
+
+CACHE_AXES = ("layers", "batch", "act_length", "act_kv_heads", None)
+
+
+class KVCache(NamedTuple):
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    index: jax.Array  # int32 scalar: the slot of the first token of this call
+    pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
+
+    def at(self, index) -> "KVCache":
+        """The cache with the next call's tokens placed from slot `index` on."""
+        return self._replace(index=jnp.asarray(index, jnp.int32))
+
+    def slots(self, length: int) -> jax.Array:
+        """(B, T) cache slots of the `length` tokens of this call."""
+        B = self.pad_B.shape[0]
+        return self.index + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))
+
+    def positions(self, length: int) -> jax.Array:
+        """(B, T) positions of this call's tokens, counted from each sequence's first
+        real token."""
+        return jnp.maximum(self.slots(length) - self.pad_B[:, None], 0)
+
+    def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array,
+              constrain: Constrain) -> "KVCache":
+        """The cache with layer `layer`'s keys and values of this call's tokens written
+        in (in place, when the caller donates the cache)."""
+        at = (layer, 0, self.index, 0, 0)
+        dt = self.k_LBSKH.dtype
+        k_LBSKH = jax.lax.dynamic_update_slice(self.k_LBSKH, k_BTKH.astype(dt)[None], at)
+        v_LBSKH = jax.lax.dynamic_update_slice(self.v_LBSKH, v_BTKH.astype(dt)[None], at)
+        return self._replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
+                             v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
+
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        """(B, S, K, H) keys and values of one layer."""
+        return self.k_LBSKH[layer], self.v_LBSKH[layer]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, constrain: Constrain,
+               pad_B: jax.Array | None = None) -> KVCache:
+    """Zero keys and values for `batch` sequences of up to `length` tokens; `pad_B`
+    leading slots of each sequence are padding (default none)."""
+    shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
+    zeros = constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
+    pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), pad_B)
+

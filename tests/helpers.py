@@ -1,0 +1,57 @@
+"""Helpers the tests share (conftest.py only configures JAX and holds the fixtures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from train.config import load_config
+from train.step import loss_from_stats
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A model small enough to compile in seconds, with every dimension divisible by 8 so
+# each mesh up to 8 devices applies.
+SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.num_kv_heads=4",
+         "model.mlp_dim=128", "model.max_seq_len=64", "model.dtype=float32",
+         "train.seq_len=16", "train.batch_size=8", "data.source=synthetic",
+         "compile_cache_dir=null"]
+
+
+def small_config(*overrides: str):
+    """configs/tiny.yaml shrunk further (SMALL) plus `overrides`."""
+    return load_config(str(REPO / "configs" / "tiny.yaml"), SMALL + list(overrides))
+
+
+def padded_spec(x) -> tuple:
+    """An array's PartitionSpec as a tuple of its rank (jax 0.10 drops trailing Nones)."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def cli_env(devices: int = 8, **extra: str) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+
+
+def run_cli(*args: str, module: str = "train", devices: int = 8, timeout: int = 600,
+            env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO,
+                          env=env or cli_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float,
+                  weights_BT: jax.Array | None = None):
+    """A reference next-token loss from full logits (what the chunked head must equal):
+    train.step.loss_from_stats of the full logsumexp and the target logits."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return loss_from_stats(lse_BT, target_BT, z_loss, weights_BT)

@@ -1,0 +1,126 @@
+"""A trained model for inference: its parameters, from a run's checkpoint or an export
+directory (`python -m train.export`, `python -m train.convert hf-to-ckpt`), laid out
+on the mesh the user chose; and the tokenizer it was trained with.
+
+The model config is the resolved config saved beside the parameters; `--config` and
+key=value overrides choose the mesh and rules (and may change model keys that do not
+change shapes, e.g. model.dtype=float32 or model.attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from train.checkpoint import Checkpoints, absolute, check_param_shapes, find_checkpoint
+from train.config import Config, to_dict, with_overrides
+from train.data.resolve import run_tokenizer
+from train.data.tokenizer import load_tokenizer
+from train.errors import CheckpointError, DataError
+from train.plan import Plan, plan
+
+PARAMS, CONFIG_JSON = "params", "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# What a user's override may change in a saved config: how to compute (model.*), and
+# what an evaluation reads besides the model.
+USER_KEYS = ("model.", "data.", "eval.", "train.batch_size", "train.seq_len")
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: Config  # the saved config with the user's mesh, rules and model overrides
+    model: Any  # the Transformer (nnx), parameters sharded on plan.mesh
+    plan: Plan
+    where: str  # what was loaded, for messages
+    info: dict  # {"step": N} and, for converted models, "hf": what the source was
+    artifact_dir: str  # the export directory or the run directory: where its tokenizer is
+    saved: dict  # the config saved beside the parameters, as it was saved
+
+    @property
+    def mesh(self):
+        return self.plan.mesh
+
+    @property
+    def rules(self):
+        return self.plan.rules
+
+
+def is_export(path: str) -> bool:
+    p = epath.Path(path)
+    return (p / CONFIG_JSON).exists() and (p / PARAMS).exists()
+
+
+def checkpoint_config(source: Checkpoints, step: int) -> dict:
+    """The resolved config stored with checkpoint `step` of `source` (raw dict)."""
+    return source.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+
+def with_user_settings(saved: dict, user: Config, overrides: Sequence[str]) -> Config:
+    """The saved config with the user's mesh, rules and compile cache, and their
+    explicit overrides of USER_KEYS applied on top."""
+    raw = dict(saved)
+    mine = to_dict(user)
+    raw["mesh"], raw["sharding"] = mine["mesh"], mine["sharding"]
+    raw["compile_cache_dir"] = user.compile_cache_dir
+    return with_overrides(raw, overrides, keep=lambda key: key.startswith(USER_KEYS))
+
+
+def load(path: str, user: Config, overrides: Sequence[str] = (),
+         flag: str = "--checkpoint") -> Loaded:
+    """Parameters at `path` (run dir, checkpoints dir, step dir or export dir) on the
+    mesh of `user`. A checkpoint whose shapes differ from the model config is a
+    CheckpointError naming the first parameter that differs."""
+    path = absolute(path)
+    if not epath.Path(path).exists():
+        raise CheckpointError(f"{flag} {path!r} does not exist")
+    if is_export(path):
+        info = json.loads((epath.Path(path) / CONFIG_JSON).read_text())
+        saved = info["config"]
+        cfg = with_user_settings(saved, user, overrides)
+        p = plan(cfg, batches=False)
+        params = restore_export(path, p.params_target())
+        where, artifact_dir = path, path
+    else:
+        source, step = find_checkpoint(path, flag)
+        saved = checkpoint_config(source, step)
+        cfg = with_user_settings(saved, user, overrides)
+        p = plan(cfg, batches=False)
+        params = source.restore_params(step, p.params_target())
+        info, where = {"step": step}, f"{source.directory} step {step}"
+        root = epath.Path(source.directory)
+        artifact_dir = str(root.parent) if root.name == "checkpoints" else str(root)
+    return Loaded(cfg, nnx.merge(p.abstract.graphdef, params), p, where, info, artifact_dir,
+                  saved)
+
+
+def restore_export(path: str, target: nnx.State) -> nnx.State:
+    with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(epath.Path(path) / PARAMS)
+        saved = getattr(saved, "item_metadata", saved)
+        saved = getattr(saved, "tree", saved)
+        check_param_shapes(saved, target, path)
+        return reader.restore(epath.Path(path) / PARAMS, target)
+
+
+def find_tokenizer(loaded: Loaded, explicit: str | None = None):
+    """The tokenizer of a loaded model: `explicit` (--tokenizer), else the tokenizer
+    file of its export or run directory, else the one its data was prepared with (the
+    prepared directory's own, or data.tokenizer for raw inputs). A model converted from
+    Hugging Face without a tokenizer file needs --tokenizer."""
+    cfg = loaded.cfg
+    if explicit:
+        return load_tokenizer(explicit, cfg.data.eos_token)
+    for name in TOKENIZER_FILES:
+        candidate = epath.Path(loaded.artifact_dir) / name
+        if candidate.exists():
+            return load_tokenizer(str(candidate), cfg.data.eos_token)
+    if "hf" in loaded.info:
+        raise DataError(f"no tokenizer found for {loaded.where} (its Hugging Face directory "
+                        "had no tokenizer.json); pass --tokenizer FILE")
+    return run_tokenizer(cfg)

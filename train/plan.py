@@ -1,0 +1,113 @@
+"""Setup once: config -> mesh -> rules -> the planned (abstract, sharded) train state and
+the batch layout. Training, evaluation, generation, export, conversion, the pre-flight
+and the layout tool all start from `plan(cfg)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+import sharding
+from train.config import Config, ConfigError
+from train.state import TrainState, init_state, make_init, state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything about a run's arrays but the arrays themselves."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: sharding.rules.Rules
+    init: Callable[[jax.Array], TrainState]  # key -> TrainState, pure (jit it)
+    abstract: TrainState  # ShapeDtypeStructs (jax.eval_shape of init)
+    shardings: Any  # a NamedSharding for every array of the state
+
+    @property
+    def batch_shape(self) -> tuple[int, int, int]:
+        """A global batch entry's shape: (microbatches, sequences per microbatch, length)."""
+        t = self.cfg.train
+        return (t.microbatches, t.batch_size // t.microbatches, t.seq_len)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Every batch entry's layout: sequences over the rules' batch mesh axes."""
+        return NamedSharding(self.mesh, sharding.logical_to_spec(
+            (None, "batch", None), self.batch_shape, self.rules, self.mesh, "batch"))
+
+    @property
+    def batch_ways(self) -> int:
+        """How many ways a batch is split (the mesh axes of the rules' "batch")."""
+        return sharding.batch_ways(self.mesh, self.rules)
+
+    def check_batches(self) -> None:
+        check_batches(self.cfg, self.mesh, self.rules)
+
+    def state_target(self) -> dict[str, Any]:
+        """ShapeDtypeStructs with the target shardings of the arrays a checkpoint holds:
+        Orbax restores straight into them, resharding when the checkpoint was written on
+        another mesh."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state_arrays(self.abstract), state_arrays(self.shardings))
+
+    def params_target(self):
+        """The parameters of `state_target()` (an nnx.State of ShapeDtypeStructs)."""
+        return self.state_target()["params"]
+
+    def abstract_state(self) -> TrainState:
+        """The abstract state with its shardings attached (for ahead-of-time lowering)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.shardings)
+
+
+def state_arrays(state) -> dict[str, Any]:
+    """The arrays of a TrainState that a checkpoint holds."""
+    return {"step": state.step, "skipped": state.skipped, "params": state.params,
+            "opt_state": state.opt_state}
+
+
+def check_batches(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
+    """A ConfigError unless a microbatch splits evenly over the batch axes."""
+    t, ways = cfg.train, sharding.batch_ways(mesh, rules)
+    micro = t.batch_size // t.microbatches
+    if micro % ways:
+        axes = " x ".join(rules["batch"]) or "(none)"
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} / train.microbatches={t.microbatches} = "
+            f"{micro} sequences per microbatch do not divide by mesh {axes} = {ways}; "
+            "change the batch size or the mesh")
+
+
+def make_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    return sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
+
+
+def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
+         mesh: Mesh | None = None, rules: sharding.rules.Rules | None = None,
+         batches: bool = True) -> Plan:
+    """The plan of `cfg` on `devices` (default: all) or on a given mesh (and rules
+    table, default cfg's). With `batches` (training, evaluation), a batch that does not
+    split evenly over the batch axes is a ConfigError; inference passes False."""
+    mesh = mesh if mesh is not None else make_mesh(cfg, devices)
+    rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
+                                                                mesh.axis_names)
+    if batches:
+        check_batches(cfg, mesh, rules)
+    init = make_init(cfg, mesh, rules)
+    abstract = jax.eval_shape(init, jax.random.key(cfg.train.seed))
+    return Plan(cfg, mesh, rules, init, abstract, state_shardings(abstract, mesh, rules))
+
+
+def build_state(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules | None = None
+                ) -> tuple[TrainState, Any]:
+    """Sharded TrainState for `cfg` on `mesh`, and the shardings it was built with.
+
+    Abstract first: eval_shape the init, resolve shardings from logical axes, then
+    jit(init, out_shardings) so every array is created already distributed.
+    """
+    p = plan(cfg, mesh=mesh, rules=rules, batches=False)
+    return init_state(p.init, p.shardings, cfg.train.seed), p.shardings
