@@ -39,11 +39,6 @@ class Plan:
         return NamedSharding(self.mesh, sharding.logical_to_spec(
             (None, "batch", None), self.batch_shape, self.rules, self.mesh, "batch"))
 
-    @property
-    def batch_ways(self) -> int:
-        """How many ways a batch is split (the mesh axes of the rules' "batch")."""
-        return sharding.batch_ways(self.mesh, self.rules)
-
     def check_batches(self) -> None:
         check_batches(self.cfg, self.mesh, self.rules)
 
@@ -82,17 +77,14 @@ def check_batches(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
             "change the batch size or the mesh")
 
 
-def make_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    return sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
-
-
 def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
          mesh: Mesh | None = None, rules: sharding.rules.Rules | None = None,
          batches: bool = True) -> Plan:
     """The plan of `cfg` on `devices` (default: all) or on a given mesh (and rules
     table, default cfg's). With `batches` (training, evaluation), a batch that does not
     split evenly over the batch axes is a ConfigError; inference passes False."""
-    mesh = mesh if mesh is not None else make_mesh(cfg, devices)
+    if mesh is None:
+        mesh = sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
     if batches:

@@ -95,7 +95,8 @@ def set_platforms(cpu_devices: int | None = None, compile_only: bool = False) ->
         jax.config.update("jax_platforms", "cpu")
     elif (not os.environ.get("JAX_PLATFORMS") and not tpu_present()
           and importlib.util.find_spec("libtpu") is not None):
-        jax.config.update("jax_platforms", "cuda,cpu" if gpu_visible() else "cpu")
+        gpu = "cuda," if gpu_visible() else "rocm," if os.path.exists("/dev/kfd") else ""
+        jax.config.update("jax_platforms", gpu + "cpu")
 
 
 def _given(xla_flags: str) -> set[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import tempfile
 from typing import Any, Sequence
 
 import orbax.checkpoint as ocp
@@ -108,6 +110,16 @@ def restore_export(path: str, target: nnx.State) -> nnx.State:
         return reader.restore(epath.Path(path) / PARAMS, target)
 
 
+def local_file(path: epath.Path) -> str:
+    """A local path for `path`: itself, or a copy of a gs:// object in a temporary
+    directory (the tokenizer libraries read local files only)."""
+    if "://" not in str(path):
+        return str(path)
+    local = pathlib.Path(tempfile.mkdtemp(prefix="shardlm-")) / path.name
+    local.write_bytes(path.read_bytes())
+    return str(local)
+
+
 def find_tokenizer(loaded: Loaded, explicit: str | None = None):
     """The tokenizer of a loaded model: `explicit` (--tokenizer), else the tokenizer
     file of its export or run directory, else the one its data was prepared with (the
@@ -119,7 +131,7 @@ def find_tokenizer(loaded: Loaded, explicit: str | None = None):
     for name in TOKENIZER_FILES:
         candidate = epath.Path(loaded.artifact_dir) / name
         if candidate.exists():
-            return load_tokenizer(str(candidate), cfg.data.eos_token)
+            return load_tokenizer(local_file(candidate), cfg.data.eos_token)
     if "hf" in loaded.info:
         raise DataError(f"no tokenizer found for {loaded.where} (its Hugging Face directory "
                         "had no tokenizer.json); pass --tokenizer FILE")
