@@ -104,7 +104,7 @@ def test_storage_lost_during_save_fails_clearly_and_previous_checkpoint_restores
     or dies (SIGKILL) while the step-8 save is in flight or about to start."""
     env = emulator.env()
     out = tmp_path / "run"
-    extra = ["checkpoint.dir=gs://bucket/ck", "checkpoint.save_timeout_s=45"]
+    extra = ["checkpoint.dir=gs://bucket/ck", "checkpoint.save_timeout_s=30"]
     proc = start(out, *extra, env=env)
     committed = lambda: "ck/4/commit_success.txt" in objects(emulator, "ck/4/")
     wait_for(lambda: committed() and logged_steps(out) >= 7, proc)
