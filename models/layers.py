@@ -90,7 +90,7 @@ def embed(table_VD: jax.Array, ids_BT: jax.Array, dtype, constrain: Constrain,
     the partitioner likes); the caller's constraint to the activation layout is then a
     plain reshard. Asked to produce the batch layout from the gather itself, the
     partitioner cannot get there when D and the batch share the fsdp axis and the
-    vocabulary is split too (FSDP x TP with data parallelism): it replicates the rows."""
+    vocabulary is split too (FSDP x TP): it replicates the rows."""
     rows_BTD = jnp.take(table_VD.astype(dtype), ids_BT, axis=0)
     return constrain(rows_BTD, ("*", "*", table_axes[1]))
 
@@ -102,8 +102,12 @@ def _embed_fwd(table_VD, ids_BT, dtype, constrain, table_axes):
 
 def _embed_bwd(dtype, constrain, table_axes, residuals, g_BTD):
     table_VD, ids_BT = residuals
-    # D laid out as the table's; batch and length wherever the partitioner likes
+    # D laid out as the table's; batch and length wherever the partitioner likes. The
+    # scatter-add then needs every id beside its cotangent row: the ids (small ints) are
+    # replicated to meet the rows, rather than the rows resharded to meet the ids (which
+    # under FSDP x TP the partitioner can only do by replicating them).
     g_BTD = constrain(g_BTD, ("*", "*", table_axes[1]))
+    ids_BT = constrain(ids_BT, (None, None))
     grad_VD = jnp.zeros_like(table_VD).at[ids_BT].add(g_BTD.astype(table_VD.dtype))
     return constrain(grad_VD, table_axes), None
 
