@@ -61,7 +61,7 @@ def test_weight_decay_skips_norms_biases_embeddings(devices):
                        "optimizer.weight_decay=0.5", "optimizer.lr=0.1")
     state, _ = _state_and_batch(cfg, devices)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = state.tx.update(zeros, state.opt_state, state.params)
+    updates, _ = jax.jit(state.tx.update)(zeros, state.opt_state, state.params)
     mask = decay_mask(state.params, ["norm", "bias", "embedding"])
     flat_u = jax.tree.leaves(updates)
     flat_p = jax.tree.leaves(state.params)
@@ -159,11 +159,12 @@ def test_a_nonfinite_step_leaves_the_state_as_it_was(devices):
     step = jax.jit(train_step)
 
     _, _, grads = jax.jit(compute_grads)(state, batch)
-    updates, opt_expected = state.tx.update(grads, state.opt_state, state.params)
+    updates, opt_expected = jax.jit(state.tx.update)(grads, state.opt_state, state.params)
     new, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 0 and int(new.skipped) == 0
+    expected = jax.jit(optax.apply_updates)(state.params, updates)
     for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
-                    jax.tree.leaves((optax.apply_updates(state.params, updates), opt_expected))):
+                    jax.tree.leaves((expected, opt_expected))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
     leaves, tree = jax.tree.flatten(state.params)
