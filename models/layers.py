@@ -103,11 +103,12 @@ def _embed_fwd(table_VD, ids_BT, dtype, constrain, table_axes):
 def _embed_bwd(dtype, constrain, table_axes, residuals, g_BTD):
     table_VD, ids_BT = residuals
     # D laid out as the table's; batch and length wherever the partitioner likes. The
-    # scatter-add then needs every id beside its cotangent row: the ids (small ints) are
-    # replicated to meet the rows, rather than the rows resharded to meet the ids (which
-    # under FSDP x TP the partitioner can only do by replicating them).
+    # scatter-add then needs every id beside its cotangent row: where D takes a batch
+    # axis (FSDP), "act_ids" replicates the ids (small ints) to meet the rows, rather
+    # than the rows being resharded to meet the ids (which under FSDP x TP the
+    # partitioner can only do by replicating them); otherwise they stay as the batch.
     g_BTD = constrain(g_BTD, ("*", "*", table_axes[1]))
-    ids_BT = constrain(ids_BT, (None, None))
+    ids_BT = constrain(ids_BT, ("act_ids", None))
     grad_VD = jnp.zeros_like(table_VD).at[ids_BT].add(g_BTD.astype(table_VD.dtype))
     return constrain(grad_VD, table_axes), None
 

@@ -24,7 +24,7 @@ Rules = dict[str, MeshAxes]
 PARAM_NAMES = ("layers", "vocab", "embed", "vector", "mlp", "heads", "kv_heads", "head_dim",
                "length")
 ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
-                    "act_kv_heads", "act_vocab")
+                    "act_kv_heads", "act_vocab", "act_ids")
 
 _BATCH = {"batch": ("data", "fsdp")}
 _FSDP = {"embed": ("fsdp",)}
@@ -45,6 +45,17 @@ PRESETS: dict[str, dict[str, MeshAxes]] = {
     "tp": {**_BATCH, **_TP},
     "fsdp_tp": {**_BATCH, **_FSDP, **_TP},
 }
+
+
+def ids_axes(rules: Rules) -> MeshAxes:
+    """The derived rule for "act_ids", the batch dimension of the token ids where the
+    embedding's backward pass scatter-adds its cotangent rows (laid out with D as the
+    table's): the batch's mesh axes, unless the table's embed dimension takes one of them
+    (FSDP), where the rows cannot keep the batch layout and the ids (small ints) are
+    replicated to meet them instead."""
+    if set(rules["batch"]) & set(rules["embed"]):
+        return ()
+    return rules["batch"]
 
 
 class RulesError(ShardingError):
@@ -82,6 +93,8 @@ def make_rules(spec: str | Mapping[str, object], mesh_axes: tuple[str, ...]) -> 
             raise RulesError(f"rules name unknown logical axis {name!r}; known: "
                              f"{', '.join(sorted(known))}")
         rules[name] = _as_axes(value, name)
+    if "act_ids" not in spec:
+        rules["act_ids"] = ids_axes(rules)
     for name, axes in rules.items():
         for axis in axes:
             if axis not in mesh_axes:

@@ -39,6 +39,17 @@ def test_presets_resolve_to_expected_specs(devices):
         ("data", "fsdp"), None)
 
 
+def test_act_ids_follows_the_batch_unless_the_embed_dimension_takes_a_batch_axis(devices):
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    derived = {preset: sharding.make_rules(preset, mesh.axis_names)["act_ids"]
+               for preset in ("dp", "tp", "fsdp", "fsdp_tp")}
+    assert derived == {"dp": ("data", "fsdp"), "tp": ("data", "fsdp"), "fsdp": (), "fsdp_tp": ()}
+    assert sharding.make_rules({"preset": "dp", "embed": "model"},
+                               mesh.axis_names)["act_ids"] == ("data", "fsdp")
+    assert sharding.make_rules({"preset": "fsdp", "act_ids": "data"},
+                               mesh.axis_names)["act_ids"] == ("data",)
+
+
 def test_non_divisible_dimension_names_path_shape_and_mesh(devices):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "model": 1})
     rules = sharding.make_rules("fsdp", mesh.axis_names)
