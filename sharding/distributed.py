@@ -12,13 +12,19 @@ else touches a JAX backend.
   the coordinator and the process ids itself.
 
 Short timeouts: a peer that never starts, or dies mid-run, stops the others (JAX aborts
-them) within the heartbeat timeout instead of JAX's default 100 s.
+them) within the heartbeat timeout instead of JAX's default 100 s. Before JAX's own
+abort (a fatal error and a C++ stack), each process says in one line what happened:
+`Joining` exits a moment before the start-up deadline naming who did not join, and
+`lost_peer` reads a collective that failed because a peer went away.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import sys
+import threading
 
 import jax
 
@@ -97,11 +103,77 @@ def initialize(mode: str, cluster: Cluster, *, init_timeout_s: int, heartbeat_ti
                                    f"[0, {cluster.num_processes})")
         # CPU processes exchange collectives over gloo (TCP); other backends ignore it.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(cluster.coordinator, cluster.num_processes,
-                                   cluster.process_id,
-                                   coordinator_bind_address=cluster.coordinator, **timeouts)
+        with Joining(cluster, init_timeout_s):
+            jax.distributed.initialize(cluster.coordinator, cluster.num_processes,
+                                       cluster.process_id,
+                                       coordinator_bind_address=cluster.coordinator,
+                                       **timeouts)
         return (f"process {cluster.process_id} of {cluster.num_processes}, coordinator "
                 f"{cluster.coordinator}")
-    jax.distributed.initialize(**timeouts)
+    with Joining(cluster, init_timeout_s):
+        jax.distributed.initialize(**timeouts)
     return (f"{found or 'cluster'}: process {jax.process_index()} of "
             f"{jax.process_count()}")
+
+
+class Joining:
+    """Around jax.distributed.initialize: SIGTERM goes back to its default, so JAX's
+    preemption notifier can own it; and if the processes have not all joined a moment
+    before `init_timeout_s`, one line says so and the process exits (code 1) before
+    JAX aborts it with a fatal error."""
+
+    def __init__(self, cluster: Cluster, init_timeout_s: float):
+        self.cluster = cluster
+        self.timer = threading.Timer(max(init_timeout_s - 2.0, 0.9 * init_timeout_s),
+                                     self._give_up, args=(init_timeout_s,))
+        self.timer.daemon = True
+
+    def __enter__(self) -> "Joining":
+        global _coordinator
+        _coordinator = self.cluster.coordinator
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+
+    def _give_up(self, init_timeout_s: float) -> None:
+        c = self.cluster
+        where = f" at {c.coordinator}" if c.coordinator else ""
+        if c.process_id == 0 and c.num_processes == 2:
+            who = "process 1 did not join"
+        elif c.process_id == 0 and c.num_processes:
+            who = f"processes 1-{c.num_processes - 1} did not all join"
+        else:
+            who = "the processes did not all join"
+        me = (f"process {c.process_id} of {c.num_processes}" if c.process_id is not None
+              else "this process")
+        print(f"error: {me}: {who} the coordinator{where} within distributed.init_timeout_s="
+              f"{init_timeout_s:g}; start every process (the same command, each with its own "
+              "distributed.process_id) and check that the coordinator address is reachable "
+              "from every host", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+_coordinator: str | None = None  # as given; None: found by JAX (a TPU VM, Slurm)
+
+# A collective that failed because a peer went away (CPU: Gloo over TCP; GPU: NCCL).
+_PEER_GONE = ("Gloo", "Connection closed by peer", "Connection reset by peer", "NCCL",
+              "heartbeat", "UNAVAILABLE")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """For an error of a collective that a peer process's death made fail, what to
+    say ("process 1 of 2 stopped answering ..."); None for any other error."""
+    if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+        return None
+    text = str(error)
+    if not any(marker in text for marker in _PEER_GONE):
+        return None
+    me, n = jax.process_index(), jax.process_count()
+    peer = f"process {1 - me} of 2" if n == 2 else "a peer process"
+    first = text.strip().splitlines()[0][:200]
+    where = f"; coordinator {_coordinator}" if _coordinator else ""
+    return f"process {me} of {n}: {peer} died or stopped answering ({first}){where}"

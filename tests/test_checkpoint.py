@@ -173,3 +173,38 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: output_dir='{blocker}/run' is not "
                                                    "writable")
+
+
+@pytest.mark.once
+def test_unwritable_checkpoint_dir_and_data_cache_dir_are_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'run'}", f"checkpoint.dir={blocker}/ck")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: checkpoint.dir='{blocker}/ck' is not writable (NotADirectoryError: [Errno 20] "
+        f"Not a directory: '{blocker}/ck')"], proc.stderr[-3000:]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text("some text to prepare\n" * 50)
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'raw'}",
+                   f"data.cache_dir={blocker}/cache")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: data.cache_dir='{blocker}/cache' cannot be written (Not a directory: "
+        f"{blocker}/cache); set data.cache_dir to a writable directory, or prepare the data "
+        "with python -m train.prepare"], proc.stderr[-3000:]
+
+
+@pytest.mark.once
+def test_sigterm_during_start_up_says_so_and_lr_0_warns(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "optimizer.lr=0")
+    first = ""
+    while "optimizer.lr=0" not in first and proc.poll() is None:  # logged before the
+        first += proc.stdout.readline()  # mesh, the state and the compile
+    proc.send_signal(signal.SIGTERM)
+    text = first + proc.communicate(timeout=60)[0]
+    assert "optimizer.lr=0: the parameters will not change" in first, text[-3000:]
+    assert proc.returncode == 143, text[-3000:]
+    assert text.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM before training began: nothing new was saved; rerun the "
+        "same command to start"), text[-3000:]
+    assert "Traceback" not in text

@@ -52,6 +52,8 @@ def test_overrides_are_typed_and_dotted():
     ("model.remat=some", "model.remat='some' is not allowed: expected one of 'none', 'full', "
                          "'save_dots'"),
     ("optimizer.lr=fast", "optimizer.lr='fast' is not allowed: expected a number"),
+    ("optimizer.lr=-1", "optimizer.lr=-1.0 is negative: the run would climb the loss; give "
+                        "a positive peak learning rate"),
     ("train.batch_size=10", "train.batch_size=10 does not divide by train.microbatches=4"),
     ("train.seq_len=4096", "train.seq_len=4096 exceeds model.max_seq_len=256"),
     ("model.num_heads=3",
@@ -92,6 +94,8 @@ def test_file_errors(tmp_path):
     bad = write(tmp_path, "bad.yaml", "model: [1, 2\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is a directory"):
+        load_config(str(tmp_path))
     missing_base = write(tmp_path, "child.yaml", "base: missing.yaml\n")
     with pytest.raises(ConfigError, match="base config 'missing.yaml'.* not found"):
         load_config(missing_base)

@@ -126,7 +126,7 @@ def one_error_line(*args, module="train.prepare") -> str:
     proc = run_cli(*args, module=module)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == errors, proc.stderr[-3000:]  # nothing else
     return errors[0]
 
 

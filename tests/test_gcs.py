@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from train.lock import RunLock
+
 from helpers import cli_env, run_cli
 from runs import RUN, logged_steps, start, wait_for
 
@@ -81,7 +83,7 @@ def objects(emu: Emulator, prefix: str) -> list[str]:
                   and str(p.relative_to(root)).startswith(prefix))
 
 
-def test_gs_output_dir_saves_and_resumes(emulator, reference):
+def test_gs_output_dir_saves_and_resumes_and_is_locked(emulator, reference, monkeypatch):
     env = emulator.env()
     out = "gs://bucket/run1"
     proc = run_cli(*RUN, f"output_dir={out}", "train.steps=8", env=env)
@@ -89,6 +91,16 @@ def test_gs_output_dir_saves_and_resumes(emulator, reference):
     stored = objects(emulator, "run1/")
     assert "run1/metrics.jsonl" in stored and "run1/config.yaml" in stored
     assert any(o.startswith("run1/checkpoints/8/state/") for o in stored)
+    assert "run1/run.lock" not in stored  # released at the end
+    # While another run holds the lock (here: this process, through the emulator's
+    # generation preconditions), a trainer on the same gs:// output_dir is refused.
+    for var in ENDPOINT_VARS + ("GOOGLE_AUTH_TOKEN_FOR_TESTING",):
+        monkeypatch.setenv(var, env[var])
+    with RunLock(out, 30):
+        assert "run1/run.lock" in objects(emulator, "run1/")
+        refused = run_cli(*RUN, f"output_dir={out}", "train.steps=12", env=env)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: output_dir='{out}' is in use by another run (host "), refused.stderr[-2000:]
     proc = run_cli(*RUN, f"output_dir={out}", "train.steps=12", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 8 (gs://bucket/run1/checkpoints)" in proc.stdout
@@ -98,26 +110,44 @@ def test_gs_output_dir_saves_and_resumes(emulator, reference):
 
 
 @pytest.mark.parametrize("failure", ["freeze", "kill"])
-def test_storage_lost_during_save_fails_clearly_and_previous_checkpoint_restores(
+def test_storage_lost_during_a_run_fails_clearly_and_previous_checkpoint_restores(
         emulator, reference, tmp_path, failure):
-    """The storage server stops answering (SIGSTOP: a hung server or a network partition)
-    or dies (SIGKILL) while the step-8 save is in flight or about to start."""
+    """The storage server stops answering (SIGSTOP: a hung server or a network partition;
+    checkpoint.dir on gs://) or dies (SIGKILL; the whole output_dir on gs://: metrics,
+    config, lock and checkpoints) after step 7: the run ends within the timeout with the
+    one error line last and little else, the earlier checkpoint intact."""
     env = emulator.env()
     out = tmp_path / "run"
-    extra = ["checkpoint.dir=gs://bucket/ck", "checkpoint.save_timeout_s=30"]
-    proc = start(out, *extra, env=env)
-    committed = lambda: "ck/4/commit_success.txt" in objects(emulator, "ck/4/")
-    wait_for(lambda: committed() and logged_steps(out) >= 7, proc)
+    if failure == "freeze":
+        extra, ck = ["checkpoint.dir=gs://bucket/ck"], "ck"
+        logged = lambda: logged_steps(out)
+    else:
+        extra, ck = ["output_dir=gs://bucket/run"], "run/checkpoints"
+        metrics = emulator.root / ".cloudstorage" / "bucket" / "run" / "metrics.jsonl"
+        logged = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    proc = start(out, *extra, "checkpoint.save_timeout_s=30", env=env)
+    committed = lambda step: f"{ck}/{step}/commit_success.txt" in objects(emulator, ck)
+    if failure == "freeze":  # the step-8 save is about to start
+        wait_for(lambda: committed(4) and logged() >= 7, proc)
+    else:  # the step-8 save is in flight: its first objects are written, the loop goes on
+        wait_for(lambda: objects(emulator, f"{ck}/8/") and not committed(8), proc)
     emulator.proc.send_signal(signal.SIGSTOP if failure == "freeze" else signal.SIGKILL)
+    stopped_at = time.time()
     try:
         text, _ = proc.communicate(timeout=180)
     finally:
         if failure == "freeze":
             emulator.proc.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 1, text[-3000:]
-    error = [ln for ln in text.splitlines() if ln.startswith("error: ")]
-    assert len(error) == 1 and "to gs://bucket/ck " in error[0], text[-3000:]
+    assert time.time() - stopped_at < 30 + 30, "the run outlived its timeout by far"
+    lines = text.strip().splitlines()
+    error = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(error) == 1 and error[0] == lines[-1], text[-3000:]
+    assert "to gs://bucket/" in error[0] or "writing gs://bucket/" in error[0], error[0]
     assert "rerun the same command to resume" in error[0]
+    assert "Traceback" not in text and len(lines) < 50, text[-3000:]
     if failure == "kill":
         # gcp-storage-emulator rewrites one metadata file on every change, so a SIGKILL
         # can leave its own store unreadable: it cannot be restarted to read back.

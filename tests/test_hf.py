@@ -102,6 +102,12 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     with pytest.raises(ConversionError, match="MixtralForCausalLM.*supported: LlamaForCausalLM, "
                                            "GPT2LMHeadModel"):
         hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
+    (tmp_path / "hf" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    with pytest.raises(ConversionError) as err:
+        hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
+    assert str(err.value) == (f"{tmp_path / 'hf' / 'config.json'} is not valid JSON (line 1: "
+                              "Expecting property name enclosed in double quotes); download "
+                              "the model's config.json again")
 
 
 def test_our_run_exports_to_transformers(trained_run, tmp_path, devices):

@@ -1,6 +1,7 @@
 """python -m train.generate / train.eval / train.convert on a run, as a user runs them."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -74,6 +75,31 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and line == (f"error: --checkpoint {str(tmp_path / 'empty')!r} "
                                              "holds no complete checkpoint"), proc.stderr
+
+
+@pytest.mark.once
+def test_a_damaged_checkpoint_config_or_array_is_one_line_naming_what_to_delete(
+        trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ck = run / "checkpoints"
+    steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    last, previous = steps[-1], steps[-2]
+    (ck / str(last) / "config" / "metadata").write_text("{garbage")
+    proc = run_cli("--checkpoint", str(run), "--prompt", "x", module="train.generate")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: the config saved with checkpoint step {last} in {ck} cannot be read "
+        "(JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 "
+        f"(char 1)); delete {ck}/{last} to fall back to step {previous}"], proc.stderr[-3000:]
+    shutil.rmtree(ck / str(last))
+    for f in (ck / str(previous) / "state").rglob("*"):  # arrays cut short
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    proc = run_cli("--checkpoint", str(run), "--prompt", "x", module="train.generate")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: checkpoint step {previous} in {ck} cannot be read (the arrays under "
+        f"{ck}/{previous}/state are damaged or cut short); delete {ck}/{previous} to fall "
+        f"back to step {steps[-3]}"], proc.stderr[-3000:]
 
 
 @pytest.mark.once

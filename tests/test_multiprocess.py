@@ -24,9 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, port: int, *extra: str) -> list[subprocess.Popen]:
+def launch(out, port: int, *extra: str, ids=(0, 1)) -> list[subprocess.Popen]:
     procs = []
-    for i in range(2):
+    for i in ids:
         env = cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                       JAX_PROCESS_ID=str(i))
         log = open(out.parent / f"{out.name}-process{i}.log", "a")
@@ -84,12 +84,12 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(reference, 
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def test_a_killed_peer_stops_the_other_within_30_s(tmp_path):
+def test_a_killed_peer_stops_the_other_within_30_s_with_one_line(tmp_path):
     out = tmp_path / "run"
-    procs = launch(out, free_port(), "train.steps=100000", "checkpoint.every_steps=0")
+    procs = launch(out, free_port(), "train.steps=100000", "checkpoint.every_steps=2")
     try:
         end = time.time() + 300
-        while logged_steps(out) < 3:
+        while logged_steps(out) < 5:
             assert all(p.poll() is None for p in procs), log_text(out, 0)[-3000:]
             assert time.time() < end, "no progress"
             time.sleep(0.05)
@@ -98,9 +98,27 @@ def test_a_killed_peer_stops_the_other_within_30_s(tmp_path):
         while procs[0].poll() is None and time.time() - killed_at < 30:
             time.sleep(0.1)
         assert procs[0].poll() is not None, "process 0 still running 30 s after its peer died"
-        assert procs[0].returncode != 0
+        assert procs[0].returncode == 1, log_text(out, 0)[-3000:]
     finally:
         kill_all(procs)
+    text = log_text(out, 0)
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: process 0 of 2: process 1 of 2 died or stopped answering ("
+                           ), text[-3000:]
+    assert "; coordinator 127.0.0.1:" in last and "rerunning all 2 processes resumes from the " \
+        "latest checkpoint (step " in last, last
+    assert "Traceback" not in text and "Check failure" not in text, text[-3000:]
+
+
+def test_a_peer_that_never_starts_is_named_before_the_init_timeout(tmp_path):
+    out, port = tmp_path / "run", free_port()
+    codes = wait_all(launch(out, port, "distributed.init_timeout_s=8", ids=(0,)), 60)
+    text = log_text(out, 0)
+    assert codes == [1], text[-3000:]
+    assert text.strip().splitlines()[-1].startswith(
+        f"error: process 0 of 2: process 1 did not join the coordinator at 127.0.0.1:{port} "
+        "within distributed.init_timeout_s=8; start every process"), text[-3000:]
+    assert "Check failure" not in text, text[-3000:]
 
 
 def test_two_processes_generate_what_one_process_generates(trained_run, tmp_path):

@@ -21,8 +21,9 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from train import storage
 from train.config import CheckpointConfig
-from train.errors import CheckpointError, SaveError, exit_now
+from train.errors import CheckpointError, PeerLost, SaveError, StorageError, exit_now
 from train.plan import Plan, state_arrays
 from train.state import init_state
 
@@ -83,6 +84,7 @@ class Checkpoints:
                     META: ocp.JsonCheckpointHandler(),
                     CONFIG: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+        self.committed = None  # the newest step known complete (set by latest_step, wait)
         if not read_only and jax.process_index() == 0:
             self._remove_incomplete()
         if not read_only and jax.process_count() > 1:  # nobody saves before it is done
@@ -100,37 +102,23 @@ class Checkpoints:
                 child.rmtree()
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        latest = self.manager.latest_step()
+        if latest is not None and self.pending is None:
+            self.committed = latest
+        return latest
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def _bounded(self, what: str, fn: Callable[[], None]) -> None:
-        """Run fn, turning a failure or a hang past save_timeout_s into a SaveError.
-
-        Storage clients retry for a long time when the server is gone; a run should stop
-        with a clear message instead, leaving the previous checkpoint as it was.
-        """
-        done, errors = threading.Event(), []
-
-        def target():
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-            finally:
-                done.set()
-
-        threading.Thread(target=target, daemon=True).start()
-        finished = done.wait(self.timeout_s)
-        if not finished or errors:
+    def _bounded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """fn(), a failure or a hang past save_timeout_s turned into a SaveError (storage
+        clients retry for a long time when the server is gone)."""
+        try:
+            return storage.bounded(f"{what} to {self.directory}", fn, self.timeout_s,
+                                   SaveError)
+        except SaveError:
             self.failed = True
-            reason = (f"did not finish within checkpoint.save_timeout_s={self.timeout_s:g}"
-                      if not finished else
-                      f"failed ({type(errors[0]).__name__}: "
-                      f"{str(errors[0]).splitlines()[0][:200]})")
-            raise SaveError(f"{what} to {self.directory} {reason}; earlier complete checkpoints "
-                            "are untouched: rerun the same command to resume from the latest")
+            raise
 
     def save(self, step: int, state, meta: dict, config: dict) -> None:
         """Start saving; with async saves this returns once the arrays are copied off
@@ -151,29 +139,33 @@ class Checkpoints:
         except Exception as e:
             self.failed = True
             raise SaveError(f"saving step {step} to {self.directory} failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); earlier "
-                            "complete checkpoints are untouched: rerun the same command to "
-                            "resume from the latest") from None
+                            f"({storage.first_line(e)}); {storage.KEPT}") from None
         finally:
             watchdog.cancel()
 
     def _stuck(self, step: int) -> None:
         exit_now(f"saving step {step} to {self.directory} did not start within "
-                 f"checkpoint.save_timeout_s={self.timeout_s:g}; earlier complete "
-                 "checkpoints are untouched: rerun the same command to resume from the "
-                 "latest")
+                 f"checkpoint.save_timeout_s={self.timeout_s:g}; {storage.KEPT}")
 
     def wait(self) -> None:
         """Block until every started save is committed (raises SaveError if one failed)."""
         if self.pending is not None:
             self._bounded(f"saving step {self.pending}", self.manager.wait_until_finished)
-            self.pending = None
+            self.committed, self.pending = self.pending, None
 
     def close(self) -> None:
-        """Finish pending saves and release the manager (not after a failed save, whose
-        storage threads may never return)."""
+        """Finish pending saves and release the manager, within save_timeout_s (not
+        after a failed save, whose storage threads may never return)."""
         if not self.failed:
-            self.manager.close()
+            self._bounded("finishing the checkpoint saves", self.manager.close)
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, (StorageError, PeerLost)):  # nothing to wait for: storage or
+            self.failed = True  # a peer is gone (Orbax's close would wait for both)
+        self.close()
 
     def _where(self, step: int) -> str:
         return f"checkpoint step {step} in {self.directory}"
@@ -187,13 +179,19 @@ class Checkpoints:
             raise self._unreadable(step, e) from None
         check_param_shapes(saved, abstract_params, self._where(step))
 
-    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+    def fallback(self, step: int) -> str:
+        """What to delete to fall back from an unreadable checkpoint `step`."""
         older = [s for s in self.all_steps() if s < step]
-        fallback = (f"delete {self.directory}/{step} to fall back to step {older[-1]}"
-                    if older else "delete it to start over")
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        return CheckpointError(f"{self._where(step)} cannot be read ({type(error).__name__}: "
-                               f"{first}); {fallback}")
+        return (f"delete {self.directory}/{step} to fall back to step {older[-1]}"
+                if older else f"delete {self.directory}/{step} to start over")
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        reason = storage.first_line(error)
+        if any(word in str(error) for word in ("TensorStore", "OCDBT", "zarr")):
+            # TensorStore's own text is a spec dump or a cut-off path: name the files
+            reason = f"the arrays under {self.directory}/{step}/{STATE} are damaged or cut short"
+        return CheckpointError(f"{self._where(step)} cannot be read ({reason}); "
+                               f"{self.fallback(step)}")
 
     def restore(self, step: int, target: dict[str, Any]) -> tuple[dict[str, Any], dict]:
         """(state arrays laid out as `target`, meta) of checkpoint `step`."""

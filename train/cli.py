@@ -5,7 +5,10 @@ code of train.errors' table (130 for Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
+import functools
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from train import errors, startup
@@ -25,13 +28,18 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def main(p: argparse.ArgumentParser, argv: Sequence[str] | None,
          body: Callable[[Config, argparse.Namespace], Any],
-         start: dict | Callable[[argparse.Namespace], dict] | None = None) -> None:
+         start: dict | Callable[[argparse.Namespace], dict] | None = None,
+         terminated: str = "stopped by SIGTERM") -> None:
     """Parse the command line, load the config, start the process (`startup.start`
     with `start`'s keywords; None: a tool that needs no JAX start-up), run `body`.
-    Every error of the table ends the process here."""
+    Every error of the table ends the process here; SIGTERM is `terminated`'s line."""
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. mesh.data=2 model.num_layers=8")
     args = p.parse_intermixed_args(argv)  # key=value before or after the flags
+    # SIGTERM before the trainer's loop takes it over (start-up, compiling) or in a tool:
+    # one line, exit 143.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, functools.partial(_terminated, terminated))
 
     def go():
         cfg = load_config(args.config, args.overrides)
@@ -40,6 +48,10 @@ def main(p: argparse.ArgumentParser, argv: Sequence[str] | None,
         return body(cfg, args)
 
     guarded(go)
+
+
+def _terminated(message: str, signum, frame) -> None:
+    raise errors.Terminated(message)
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -53,8 +65,9 @@ def guarded(fn: Callable[[], Any]) -> Any:
         code = errors.exit_code(e)
         if code is None:
             raise  # a bug: keep the traceback
-        if isinstance(e, errors.SaveError):  # storage threads may hang on: do not wait
-            errors.exit_now(str(e), code)
-        if code != errors.PREEMPTED:  # preemption is logged where it happens
-            print(errors.error_line(e), file=sys.stderr, flush=True)
+        # storage threads may hang on, JAX's shutdown waits for a lost peer: do not wait
+        if isinstance(e, (errors.StorageError, errors.PeerLost)):
+            errors.exit_now(str(e) + startup.details(), code)
+        if not isinstance(e, errors.Preempted):  # preemption is logged where it happens
+            print(errors.error_line(e) + startup.details(), file=sys.stderr, flush=True)
         sys.exit(code)

@@ -85,7 +85,10 @@ class OptimizerConfig:
         if unknown:
             raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, "
                               "bias, embedding")
-        for key in ("lr", "warmup_steps", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
+        if self.lr < 0:
+            raise ConfigError(f"optimizer.lr={self.lr} is negative: the run would climb the "
+                              "loss; give a positive peak learning rate")
+        for key in ("warmup_steps", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("b1", "b2"):
@@ -376,6 +379,13 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory; name a YAML file in "
+                          "it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not text (UTF-8 YAML)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -8,9 +8,10 @@ prints the one-line `error: ...` and exits with the code of the table:
 | 2    | UsageError: the user's input or config (ConfigError, DataError,              |
 |      | ConversionError, InputError; the mesh, rules and multi-process settings of   |
 |      | `sharding`, whose errors derive from sharding.ShardingError)                 |
-| 1    | RunError: a runtime failure (CheckpointError, SaveError, TrainingStopped,    |
-|      | DoesNotFit)                                                                  |
-| 143  | Preempted: SIGTERM, a checkpoint was written (128 + SIGTERM); no error line  |
+| 1    | RunError: a runtime failure (CheckpointError, StorageError and its SaveError,|
+|      | TrainingStopped, DoesNotFit, RunLocked, PeerLost)                            |
+| 143  | Preempted: SIGTERM, a checkpoint was written (128 + SIGTERM); no error line; |
+|      | Terminated: SIGTERM before training began (an error line says so)           |
 
 Anything else is a bug and keeps its traceback.
 """
@@ -63,9 +64,25 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be found, read or used for this model."""
 
 
-class SaveError(CheckpointError):
-    """A save that failed or did not finish in time. Storage threads may still be
-    stuck retrying, so the process exits at once after printing it."""
+class StorageError(RunError):
+    """A write to the run's storage (metrics, config, checkpoints) that failed or did
+    not finish in time. Storage threads may still be stuck retrying, so the process
+    exits at once after printing it."""
+
+    cause: BaseException | None = None  # what the storage raised; None: it hung
+
+
+class SaveError(StorageError, CheckpointError):
+    """A checkpoint save that failed or did not finish in time."""
+
+
+class PeerLost(RunError):
+    """Another process of a multi-process run died or stopped answering. JAX's shutdown
+    would wait for it and then abort, so the process exits at once after printing it."""
+
+
+class RunLocked(RunError):
+    """Another run holds the lock of this output_dir."""
 
 
 class TrainingStopped(RunError):
@@ -78,6 +95,13 @@ class DoesNotFit(RunError):
 
 class Preempted(ShardlmError):
     """SIGTERM: a checkpoint was written; a rerun of the same command resumes."""
+
+    exit_code = PREEMPTED
+
+
+class Terminated(ShardlmError):
+    """SIGTERM before training began (start-up, compiling) or during a tool: nothing was
+    saved."""
 
     exit_code = PREEMPTED
 

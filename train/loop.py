@@ -14,13 +14,15 @@ from etils import epath
 from tqdm import tqdm
 
 import sharding
-from train import startup
+from sharding import distributed
+from train import startup, storage
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, to_dict
 from train.data.batches import make_batches, tokens_per_step
 from train.data.resolve import resolve_data, tokenizer_file
-from train.errors import ConfigError, Preempted, TrainingStopped
+from train.errors import ConfigError, PeerLost, Preempted, StorageError, TrainingStopped
 from train.evaluate import Evaluator
+from train.lock import RunLock
 from train.metrics import (
     MetricsLog,
     TensorBoard,
@@ -35,16 +37,21 @@ from train.step import jit_train_step
 log = logging.getLogger("train")
 
 
-def check_writable(path: str) -> None:
-    """Fail before any compiling when output_dir cannot be written."""
+def check_writable(path: str, key: str, timeout_s: float) -> None:
+    """Fail before any compiling when `path` (the config's `key`) cannot be written."""
     probe = epath.Path(path) / ".write-probe"
-    try:
+
+    def write():
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
-    except Exception as e:
-        raise ConfigError(f"output_dir={path!r} is not writable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        storage.bounded(f"{key}={path!r}", write, timeout_s)
+    except StorageError as e:
+        if e.cause is None:  # a storage server that does not answer
+            raise
+        raise ConfigError(f"{key}={path!r} is not writable ({storage.first_line(e.cause)})"
+                          ) from None
 
 
 class SigtermFlag:
@@ -77,7 +84,7 @@ class Outputs:
             flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
             num_devices=jax.device_count(),
             peak_flops=peak_flops_per_device(jax.devices()[0], cfg.metrics.peak_tflops),
-            write=is_main, start_step=start)
+            write=is_main, start_step=start, timeout_s=cfg.checkpoint.save_timeout_s)
         self.board = TensorBoard(f"{out_dir}/tensorboard", cfg.metrics.tensorboard and is_main,
                                  log.warning)
         self.profiler = StepProfiler(cfg.profile.start_step, cfg.profile.steps,
@@ -109,8 +116,15 @@ def run(cfg: Config) -> list[dict]:
     # Processes: one per host, joined by JAX's multi-controller runtime when several;
     # logging from process 0, the compilation cache.
     is_main = startup.start(cfg)
+    timeout_s = cfg.checkpoint.save_timeout_s  # bounds every write to the run's storage
     if is_main:
-        check_writable(cfg.run_dir)
+        check_writable(cfg.run_dir, "output_dir", timeout_s)
+        if cfg.checkpoint.dir:
+            check_writable(cfg.checkpoint.dir, "checkpoint.dir", timeout_s)
+
+    if cfg.optimizer.lr == 0:
+        log.warning("optimizer.lr=0: the parameters will not change (set a peak learning "
+                    "rate to train)")
 
     # Data source: a prepared directory (raw inputs are prepared on the fly) or the
     # embedded corpus; the tokenizer settles the vocabulary size.
@@ -123,12 +137,15 @@ def run(cfg: Config) -> list[dict]:
              jax.devices()[0].device_kind)
 
     # Teardown, once on every way out (the end, preemption, a non-finite stop, a failed
-    # save, Ctrl-C): outputs, then data workers, then the checkpoint manager.
+    # save, Ctrl-C): outputs, then data workers, then the checkpoint manager, then the
+    # run's lock.
     with contextlib.ExitStack() as teardown:
+        # One run per output_dir: a second trainer there is refused (train/lock.py).
+        if is_main:
+            teardown.enter_context(RunLock(cfg.run_dir, timeout_s))
         # State: the latest checkpoint, checkpoint.resume_from, or jit(init), straight
         # into the planned shardings.
-        ckpts = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint)
-        teardown.callback(ckpts.close)
+        ckpts = teardown.enter_context(Checkpoints(cfg.checkpoint_dir, cfg.checkpoint))
         latest = ckpts.latest_step()  # a directory listing (remote on gs://): read it once
         if latest is not None and latest >= cfg.train.steps:
             log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
@@ -159,14 +176,25 @@ def run(cfg: Config) -> list[dict]:
         config_dict = to_dict(cfg)
         if is_main:
             run_dir = epath.Path(cfg.run_dir)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            storage.write_text(str(run_dir / "config.yaml"),
+                               yaml.safe_dump(config_dict, sort_keys=False), timeout_s)
             tokenizer = tokenizer_file(data_path)
             if tokenizer is not None:  # the prepared copy: tokenizer.json or .model
-                (run_dir / tokenizer.name).write_bytes(tokenizer.read_bytes())
+                storage.bounded(f"writing {run_dir / tokenizer.name}", lambda: (
+                    run_dir / tokenizer.name).write_bytes(tokenizer.read_bytes()), timeout_s)
         out = Outputs(cfg, start, is_main)
         teardown.callback(out.close)
 
-        train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict)
+        try:
+            train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict)
+        except jax.errors.JaxRuntimeError as e:
+            lost = distributed.lost_peer(e)
+            if lost is None:
+                raise
+            resume = (f"resumes from the latest checkpoint (step {ckpts.committed} or later)"
+                      if ckpts.committed is not None else "starts over (no checkpoint yet)")
+            raise PeerLost(f"{lost}; rerunning all {jax.process_count()} processes "
+                           f"{resume}") from None
     if is_main and out.rows:
         run_dir = cfg.run_dir.rstrip("/")
         log.info("done: %d steps, final loss %.4f | metrics %s/metrics.jsonl | checkpoint "

@@ -24,6 +24,7 @@ import jax
 from etils import epath
 
 from models import ModelConfig, count_matmul_params
+from train import storage
 
 # Dense bf16 peak FLOP/s per device (no sparsity), by substring of jax's device_kind.
 PEAK_FLOPS = {
@@ -78,8 +79,9 @@ class MetricsLog:
     """
 
     def __init__(self, path: str, *, tokens_per_step: int, flops_per_token: float,
-                 num_devices: int, peak_flops: float | None, write: bool, start_step: int = 0):
-        self.path, self.write = epath.Path(path), write
+                 num_devices: int, peak_flops: float | None, write: bool, start_step: int = 0,
+                 timeout_s: float = 1800.0):
+        self.path, self.write, self.timeout_s = epath.Path(path), write, timeout_s
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.num_devices, self.peak_flops = num_devices, peak_flops
         self.pending: list[tuple[int, dict]] = []
@@ -91,11 +93,14 @@ class MetricsLog:
         self.remote = "://" in str(path)
         self.lines: list[str] = []
         if write:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if start_step and self.path.exists():
-                self.lines = [line for line in self.path.read_text().splitlines()
-                              if line.strip() and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in self.lines))
+            storage.bounded(f"writing {path}", lambda: self._begin(start_step), timeout_s)
+
+    def _begin(self, start_step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step and self.path.exists():
+            self.lines = [line for line in self.path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in self.lines))
 
     def start(self, step: int) -> None:
         self.last_time, self.last_step = time.perf_counter(), step
@@ -123,13 +128,17 @@ class MetricsLog:
         self.pending.clear()
         if self.write and rows:
             new = [json.dumps(row) for row in rows]
-            if self.remote:
-                self.lines += new
-                self.path.write_text("".join(line + "\n" for line in self.lines))
-            else:
-                with self.path.open("a") as f:
-                    f.write("".join(line + "\n" for line in new))
+            storage.bounded(f"writing {self.path}", lambda: self._append(new),
+                            self.timeout_s)
         return rows
+
+    def _append(self, new: list[str]) -> None:
+        if self.remote:
+            self.lines += new
+            self.path.write_text("".join(line + "\n" for line in self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write("".join(line + "\n" for line in new))
 
 
 def format_row(row: dict) -> str:

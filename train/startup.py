@@ -37,6 +37,9 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+import threading
+import traceback
 
 import absl.logging
 import jax
@@ -64,6 +67,8 @@ def start(cfg: Config, *, cpu_devices: int | None = None, compile_only: bool = F
         set_platforms(cpu_devices, compile_only)
         apply_gpu_flags()
         absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax's and Grain's notices
+        if not os.environ.get("SHARDLM_DEBUG"):
+            background_errors_to_file()
         joined = start_processes(cfg) if processes else None
     is_main = jax.process_index() == 0
     setup_logging(is_main)
@@ -134,6 +139,44 @@ def start_processes(cfg: Config) -> str | None:
     return distributed.initialize(mode, cluster, init_timeout_s=d.init_timeout_s,
                                   heartbeat_timeout_s=d.heartbeat_timeout_s,
                                   shutdown_timeout_s=d.shutdown_timeout_s)
+
+
+# Where background threads' tracebacks and Orbax's error logs go (SHARDLM_DEBUG=1:
+# the console instead), created only when there is something to write.
+DETAILS = os.path.join(tempfile.gettempdir(), f"shardlm-{os.getpid()}.log")
+
+
+def background_errors_to_file() -> None:
+    """Send the tracebacks of background threads (Orbax's async saves, storage clients
+    retrying), exceptions Python can only ignore (Orbax's pending reads at exit) and the
+    errors Orbax logs to DETAILS: a failure reaches the console once, as the one error
+    line, which names the file (train.cli)."""
+    handler = logging.FileHandler(DETAILS, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    absl_log = logging.getLogger("absl")
+    absl_log.addHandler(handler)
+    absl_log.propagate = False
+
+    def to_file(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        with open(DETAILS, "a") as f:
+            print(f"exception in thread {getattr(args.thread, 'name', '?')}:", file=f)
+            traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback,
+                                      file=f)
+    threading.excepthook = to_file
+
+    def unraisable_to_file(args) -> None:  # e.g. Orbax's coroutines at interpreter exit
+        with open(DETAILS, "a") as f:
+            print(f"{args.err_msg or 'exception ignored'}: {args.object!r}", file=f)
+            traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback,
+                                      file=f)
+    sys.unraisablehook = unraisable_to_file
+
+
+def details() -> str:
+    """'; details in PATH' when background errors were written to DETAILS, else ''."""
+    return f"; details in {DETAILS}" if os.path.exists(DETAILS) else ""
 
 
 def setup_logging(is_main: bool = True) -> None:

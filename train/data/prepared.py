@@ -12,6 +12,7 @@ val_fraction: deterministic and independent of file order.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -115,10 +116,12 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
     writers = {s: _SplitWriter(tmp, s, dtype) for s in SPLITS}
     start = time.perf_counter()
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
+    bar = None  # shown once the first batch is read: an unreadable input fails first
     skipped: list[str] = []
     try:
         for batch in _batches(documents(inputs, text_field, skipped)):
+            bar = bar or tqdm(desc="prepare", unit=" docs", disable=not progress,
+                              dynamic_ncols=True)
             ids = tok.encode_batch([text for _, text in batch])
             for (doc_id, text), doc_ids in zip(batch, ids):
                 split = "val" if in_val(doc_id, val_fraction) else "train"
@@ -131,7 +134,8 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if not counts["train"]["documents"]:
         shutil.rmtree(tmp, ignore_errors=True)
         if not counts["val"]["documents"]:
@@ -201,12 +205,18 @@ def ensure_prepared(path: str, cache_dir: str, tokenizer: str, text_field: str,
     if is_prepared(target):
         log(f"data: {path} already prepared in {target}")
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     log(f"data: preparing {path} into {target}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         prepare(path, target, tokenizer, text_field=text_field, val_fraction=val_fraction,
                 eos_token=eos_token, progress=False, replace=False, log=log)
-    except OSError:
-        if not is_prepared(target):  # lost a race to another process: theirs is complete
-            raise
+    except OSError as e:
+        if is_prepared(target):  # lost a race to another process: theirs is complete
+            return str(target)
+        if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)) or \
+                e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES):
+            raise DataError(f"data.cache_dir={cache_dir!r} cannot be written ({e.strerror}: "
+                            f"{e.filename}); set data.cache_dir to a writable directory, or "
+                            "prepare the data with python -m train.prepare") from None
+        raise
     return str(target)

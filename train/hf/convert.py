@@ -39,7 +39,15 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, user: Config, overrides: Sequence[str]
     if not (src / "config.json").exists():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model "
                               "directory")
-    hf_cfg = json.loads((src / "config.json").read_text())
+    try:
+        hf_cfg = json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConversionError(f"{src / 'config.json'} is not valid JSON{where}; download the "
+                              "model's config.json again") from None
+    if not isinstance(hf_cfg, dict):
+        raise ConversionError(f"{src / 'config.json'} holds no mapping of keys: not a "
+                              "Hugging Face config")
     family = family_of(hf_cfg)
     raw = to_dict(user)
     # shapes from HF; how to compute (dtype, remat, attention, ...) from --config

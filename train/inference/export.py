@@ -18,7 +18,14 @@ from flax import nnx
 from train.checkpoint import absolute
 from train.config import Config, from_dict, to_dict
 from train.errors import CheckpointError
-from train.inference.load import CONFIG_JSON, PARAMS, find_tokenizer, load, restore_export
+from train.inference.load import (
+    CONFIG_JSON,
+    PARAMS,
+    find_tokenizer,
+    load,
+    read_export_info,
+    restore_export,
+)
 from train.plan import plan
 
 
@@ -53,7 +60,6 @@ def export(checkpoint: str, output: str, user: Config) -> int:
 def load_exported(directory: str, mesh, rules=None):
     """(Config, params nnx.State sharded on `mesh`) from an export directory."""
     directory = absolute(directory)
-    info = json.loads((epath.Path(directory) / CONFIG_JSON).read_text())
-    cfg = from_dict(info["config"])
+    cfg = from_dict(read_export_info(directory)[1])
     p = plan(cfg, mesh=mesh, rules=rules, batches=False)
     return cfg, restore_export(directory, p.params_target())

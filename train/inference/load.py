@@ -20,11 +20,12 @@ from etils import epath
 from flax import nnx
 
 from train.checkpoint import Checkpoints, absolute, check_param_shapes, find_checkpoint
-from train.config import Config, to_dict, with_overrides
+from train.config import Config, from_dict, to_dict, with_overrides
 from train.data.resolve import run_tokenizer
 from train.data.tokenizer import load_tokenizer
-from train.errors import CheckpointError, DataError
+from train.errors import CheckpointError, ConfigError, DataError
 from train.plan import Plan, plan
+from train.storage import first_line
 
 PARAMS, CONFIG_JSON = "params", "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -59,8 +60,23 @@ def is_export(path: str) -> bool:
 
 def checkpoint_config(source: Checkpoints, step: int) -> dict:
     """The resolved config stored with checkpoint `step` of `source` (raw dict)."""
-    return source.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+    where = f"the config saved with checkpoint step {step} in {source.directory}"
+    try:
+        saved = source.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # noqa: BLE001 - a damaged file: name it and what to do
+        raise CheckpointError(f"{where} cannot be read ({first_line(e)}); "
+                              f"{source.fallback(step)}") from None
+    return _config_dict(saved, where, source.fallback(step))
+
+
+def _config_dict(saved: Any, where: str, fallback: str) -> dict:
+    """`saved` if it is a config this version can build, else a CheckpointError."""
+    try:
+        from_dict(saved)
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where} is not a valid config ({e}); {fallback}") from None
+    return saved
 
 
 def with_user_settings(saved: dict, user: Config, overrides: Sequence[str]) -> Config:
@@ -82,8 +98,7 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
     if not epath.Path(path).exists():
         raise CheckpointError(f"{flag} {path!r} does not exist")
     if is_export(path):
-        info = json.loads((epath.Path(path) / CONFIG_JSON).read_text())
-        saved = info["config"]
+        info, saved = read_export_info(path)
         cfg = with_user_settings(saved, user, overrides)
         p = plan(cfg, batches=False)
         params = restore_export(path, p.params_target())
@@ -99,6 +114,18 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
         artifact_dir = str(root.parent) if root.name == "checkpoints" else str(root)
     return Loaded(cfg, nnx.merge(p.abstract.graphdef, params), p, where, info, artifact_dir,
                   saved)
+
+
+def read_export_info(path: str) -> tuple[dict, dict]:
+    """(config.json's contents, the config in it) of an export directory."""
+    where = f"{epath.Path(path) / CONFIG_JSON}"
+    try:
+        info = json.loads((epath.Path(path) / CONFIG_JSON).read_text())
+        saved = info["config"]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{where} cannot be read ({first_line(e)}); export the "
+                              "checkpoint again") from None
+    return info, _config_dict(saved, where, "export the checkpoint again")
 
 
 def restore_export(path: str, target: nnx.State) -> nnx.State:
