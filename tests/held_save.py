@@ -21,7 +21,9 @@ commit = async_checkpointer._on_commit_callback
 
 def held_commit(tmpdir, *args, **kwargs):
     if Path(str(tmpdir.get_final())).name == step:
-        marker.write_text(str(tmpdir.get()))
+        partial = marker.with_name(marker.name + ".partial")  # the test sees MARKER
+        partial.write_text(str(tmpdir.get()))  # only once it holds the whole path
+        os.replace(partial, marker)
         time.sleep(3600)
     return commit(tmpdir, *args, **kwargs)
 
