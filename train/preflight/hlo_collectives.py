@@ -9,7 +9,9 @@ Replica groups are mapped back to the mesh axes they span.
 The TPU compiler splits one collective into a chain of fusions that overlap it with
 compute (an async-collective-start, continuations, a done), each holding a copy of the
 collective with the same channel id; a chain is one transfer, counted once, as often as
-its start runs (continuations can sit inside an inner loop they overlap with).
+its start runs (continuations can sit inside an inner loop they overlap with). Only
+fusion roots chain: collectives written out in a computation are distinct even where
+they share a channel id.
 """
 
 from __future__ import annotations
@@ -232,8 +234,12 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
                                   line)
             item = Collective(base, shape_bytes(type_text) * runs, runs,
                               group_axes(start_line, mesh_shape))
+            # a chain's copies are each the root of a fusion; collectives written out in
+            # a loop body are distinct even where they share a channel id (XLA:CPU gives
+            # every shard_map collective channel 1)
             channel = re.search(r"channel_id=(\d+)", line)
-            key = (base, channel.group(1)) if channel else None
+            chained = channel and line.lstrip().startswith("ROOT ")
+            key = (base, channel.group(1)) if chained else None
             if key is None or key not in chains:
                 if key is not None:
                     chains[key] = len(out)
