@@ -7,6 +7,32 @@ from typing import Literal, Optional
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLPs (Llama style only). num_experts=0: a dense model."""
+
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    expert_mlp_dim: Optional[int] = None  # each expert's width; None: model.mlp_dim
+    # Renormalise the chosen experts' softmax weights to sum to 1 (Mixtral always;
+    # Qwen3-MoE by its norm_topk_prob).
+    norm_topk_prob: bool = True
+    # Always-on experts (DeepSeek style, ungated): one dense SwiGLU MLP this many
+    # experts wide beside the routed ones; 0: none.
+    shared_experts: int = 0
+    first_dense_layers: int = 0  # the first K layers keep a dense MLP (model.mlp_dim)
+    # The grouped matmul: auto = the megablox Pallas kernel on TPUs (its backward pass
+    # is grouped too; XLA's ragged_dot gradient is computed densely per expert there),
+    # jax.lax.ragged_dot elsewhere; megablox off TPUs runs interpreted (tests only).
+    kernel: Literal["auto", "ragged_dot", "megablox"] = "auto"
+    aux_loss_coef: float = 0.0  # Mixtral's load-balancing loss (transformers' form)
+    router_z_loss_coef: float = 0.0  # mean over tokens of logsumexp(router logits)^2
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One decoder-only Transformer. `style` picks the GPT-2 or the Llama recipe.
 
@@ -48,6 +74,17 @@ class ModelConfig:
     # largest divisor of vocab_size up to this), so B x T x V fp32 logits never exist at
     # once; 1: all at once.
     vocab_chunks: int = 8
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+    @property
+    def expert_width(self) -> int:
+        return self.moe.expert_mlp_dim or self.mlp_dim
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers have a mixture-of-experts MLP (the last ones)."""
+        return self.num_layers - self.moe.first_dense_layers if self.moe.enabled else 0
 
     @property
     def kv_heads(self) -> int:
@@ -71,7 +108,34 @@ class ModelConfig:
                 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
             raise ValueError("model.rope_low_freq_factor must be positive and below "
                              "model.rope_high_freq_factor")
+        self._check_moe()
         for key in ("vocab_size", "vocab_chunks", "attention_block", "num_layers", "d_model",
                     "num_heads", "mlp_dim", "max_seq_len"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+
+    def _check_moe(self) -> None:
+        m = self.moe
+        if self.style == "gpt2":
+            set_keys = [f"model.moe.{f.name}" for f in dataclasses.fields(m)
+                        if getattr(m, f.name) != f.default] + ["model.qk_norm"] * self.qk_norm
+            if set_keys:
+                raise ValueError(f"{set_keys[0]} is for model.style=llama only (GPT-2 models "
+                                 "are dense, without q/k norms)")
+        if m.num_experts < 0:
+            raise ValueError(f"model.moe.num_experts must be >= 0 (0: dense), got "
+                             f"{m.num_experts}")
+        if not m.enabled:
+            return
+        if not 1 <= m.experts_per_token <= m.num_experts:
+            raise ValueError(f"model.moe.experts_per_token={m.experts_per_token} must be "
+                             f"between 1 and model.moe.num_experts={m.num_experts}")
+        if not 0 <= m.first_dense_layers < self.num_layers:
+            raise ValueError(f"model.moe.first_dense_layers={m.first_dense_layers} must be "
+                             f"in [0, model.num_layers={self.num_layers})")
+        for key in ("shared_experts", "aux_loss_coef", "router_z_loss_coef"):
+            if getattr(m, key) < 0:
+                raise ValueError(f"model.moe.{key} must be >= 0, got {getattr(m, key)}")
+        if m.expert_mlp_dim is not None and m.expert_mlp_dim <= 0:
+            raise ValueError(f"model.moe.expert_mlp_dim must be positive, got "
+                             f"{m.expert_mlp_dim}")

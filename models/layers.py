@@ -116,8 +116,8 @@ def _embed_bwd(dtype, constrain, table_axes, residuals, g_BTD):
 embed.defvjp(_embed_fwd, _embed_bwd)
 
 
-def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Constrain
-                ) -> jax.Array:
+def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Constrain,
+                gather: bool = True) -> jax.Array:
     """A weight as a matmul uses it: cast to the compute dtype while still laid out as the
     parameter (FSDP then moves bf16, not fp32), then gathered explicitly along its
     FSDP-sharded "embed" axis, once per use (the TPU compiler otherwise streams a weight
@@ -127,14 +127,17 @@ def for_compute(w: jax.Array, axes: Sequence[str | None], dtype, constrain: Cons
     reduce-scatter the matmul's partial sums (the TPU compiler does on v5p). Autodiff
     would transpose the gather's constraint into one on the gradient, which makes the
     partitioner all-reduce the whole gradient on every device and then keep a slice:
-    twice the traffic (docs/preflight.md, item 9)."""
+    twice the traffic (docs/preflight.md, item 9). Without `gather`, only cast (a layer
+    that gathers the weight itself, inside shard_map)."""
+    if not gather:
+        return constrain(w.astype(dtype), axes)
     return _gathered(w, tuple(axes), jnp.dtype(dtype), constrain, w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _gathered(w, axes, dtype, constrain, param_dtype):
     w = constrain(w.astype(dtype), axes)
-    return constrain(w, tuple(None if a == "embed" else a for a in axes))
+    return constrain(w, tuple(None if a in ("embed", "expert_embed") else a for a in axes))
 
 
 def _gathered_fwd(w, axes, dtype, constrain, param_dtype):
@@ -161,11 +164,11 @@ def attention_impl(cfg: ModelConfig, platform: str, length: int) -> str:
 
 
 def per_shard(constrain: Constrain, fn: Callable, args: Sequence[jax.Array],
-              logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
+              logical_axes: Sequence[Sequence[str | None]], **kwargs) -> jax.Array:
     """fn on each device's shard (the caller's mesh; see ActivationSharding.per_shard), or
     on the whole arrays when there is no mesh."""
     local = getattr(constrain, "per_shard", None)
-    return fn(*args) if local is None else local(fn, args, logical_axes)
+    return fn(*args) if local is None else local(fn, args, logical_axes, **kwargs)
 
 
 def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
@@ -180,6 +183,9 @@ def qkv(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt)) + _bias(p, "q_bias", dt)
     k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt)) + _bias(p, "k_bias", dt)
     v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"].astype(dt)) + _bias(p, "v_bias", dt)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H, before RoPE
+        q_BTNH = norm(q_BTNH, p["q_norm_scale"], None, cfg.norm_eps)
+        k_BTKH = norm(k_BTKH, p["k_norm_scale"], None, cfg.norm_eps)
     if cfg.style == "llama":
         inv_freq_h = rope_frequencies(cfg)
         q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
@@ -263,35 +269,22 @@ def gelu_f32(up_BTF: jax.Array) -> jax.Array:
     return jax.nn.gelu(up_BTF.astype(jnp.float32), approximate=True).astype(up_BTF.dtype)
 
 
+def swiglu_mlp(h_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,
+               w_out_FD: jax.Array, constrain: Constrain) -> jax.Array:
+    """Llama's MLP: (silu(h W_gate) * h W_up) W_out, (B, T, D) -> (B, T, D)."""
+    dt = h_BTD.dtype
+    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w_gate_DF.astype(dt))
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w_up_DF.astype(dt))
+    act_BTF = constrain(swiglu_f32(gate_BTF, up_BTF), ("batch", "act_length", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", act_BTF, w_out_FD.astype(dt))
+
+
 def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
         constrain: Constrain) -> jax.Array:
     dt = h_BTD.dtype
-    if cfg.style == "gpt2":
-        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_in"].astype(dt)) + _bias(p, "in_bias", dt)
-        act_BTF = gelu_f32(up_BTF)
-    else:
-        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"].astype(dt))
-        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"].astype(dt))
-        act_BTF = swiglu_f32(gate_BTF, up_BTF)
-    act_BTF = constrain(act_BTF, ("batch", "act_length", "act_mlp"))
+    if cfg.style == "llama":
+        return swiglu_mlp(h_BTD, p["w_gate"], p["w_up"], p["w_out"], constrain)
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_in"].astype(dt)) + _bias(p, "in_bias", dt)
+    act_BTF = constrain(gelu_f32(up_BTF), ("batch", "act_length", "act_mlp"))
     out_BTD = jnp.einsum("btf,fd->btd", act_BTF, p["w_out"].astype(dt))
     return out_BTD + _bias(p, "out_bias", dt)
-
-
-def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
-          x_BTD: jax.Array, positions_BT: jax.Array,
-          segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None,
-          layer: int | jax.Array = 0) -> tuple[jax.Array, KVCache | None]:
-    """One pre-norm Transformer layer; `p` holds this layer's parameters. Training,
-    evaluation, prefill and decode all run it; with a KV cache (the last two) it also
-    returns the cache with this layer's keys and values written in."""
-    with jax.named_scope("attention"):
-        h_BTD = norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm_eps)
-        out_BTD, cache = attention(cfg, p, h_BTD, positions_BT, constrain, segment_ids_BT,
-                                   cache, layer)
-        x_BTD = constrain(x_BTD + out_BTD, ("batch", "act_length", "act_embed"))
-    with jax.named_scope("mlp"):
-        h_BTD = norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm_eps)
-        x_BTD = x_BTD + mlp(cfg, p, h_BTD, constrain)
-        x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
-    return x_BTD, cache

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import head, layers
+from models.block import block
 from models.cache import KVCache, init_cache
 from models.config import ModelConfig
 from models.layers import Constrain
+from models.moe import aux_losses
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -38,13 +40,17 @@ def _param(key, shape, axes, std, dtype) -> nnx.Param:
 
 
 class StackedBlocks(nnx.Module):
-    """All layers' parameters, each with a leading "layers" axis of size num_layers."""
+    """Consecutive layers' parameters, each with a leading "layers" axis of size
+    `num_layers`, starting at layer `first`; `moe`: mixture-of-experts MLPs."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        L, D, N, K, H, F = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.kv_heads,
-                            cfg.head_size, cfg.mlp_dim)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int | None = None,
+                 first: int = 0, moe: bool = False):
+        L, D, N, K, H, F = (num_layers or cfg.num_layers, cfg.d_model, cfg.num_heads,
+                            cfg.kv_heads, cfg.head_size, cfg.mlp_dim)
+        self.num_layers, self.first = L, first
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
+        # GPT-2: residual projections scaled by the whole model's depth
+        out_std = std / math.sqrt(2 * cfg.num_layers)
         gpt2 = cfg.style == "gpt2"
         p = functools.partial(_param, dtype=pd)
         self.attn_norm_scale = p(None, (L, D), ("layers", "vector"), 1.0)
@@ -53,7 +59,13 @@ class StackedBlocks(nnx.Module):
         self.wk = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wv = p(rngs.params(), (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std)
         self.wo = p(rngs.params(), (L, N, H, D), ("layers", "heads", "head_dim", "embed"), out_std)
-        self.w_out = p(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), out_std)
+        if cfg.qk_norm:
+            self.q_norm_scale = p(None, (L, H), ("layers", "head_dim"), 1.0)
+            self.k_norm_scale = p(None, (L, H), ("layers", "head_dim"), 1.0)
+        if moe:
+            self._experts(cfg, rngs, p, out_std)
+        else:
+            self.w_out = p(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), out_std)
         if gpt2:
             self.attn_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
             self.mlp_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
@@ -64,9 +76,26 @@ class StackedBlocks(nnx.Module):
             self.w_in = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
             self.in_bias = p(None, (L, F), ("layers", "mlp"), 0.0)
             self.out_bias = p(None, (L, D), ("layers", "vector"), 0.0)
-        else:
+        elif not moe:
             self.w_gate = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
             self.w_up = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
+
+    def _experts(self, cfg: ModelConfig, rngs: nnx.Rngs, p, out_std: float) -> None:
+        """The router (L, D, E), the experts' SwiGLU weights (L, E, D, F) and (L, E, F, D),
+        and the shared experts' dense MLP (width shared_experts x F)."""
+        L, D, E, F, std = self.num_layers, cfg.d_model, cfg.moe.num_experts, cfg.expert_width, \
+            cfg.init_std
+        expert_in = ("layers", "experts", "expert_embed", "mlp")
+        self.router = p(rngs.params(), (L, D, E), ("layers", "embed", None), std)
+        self.w_gate = p(rngs.params(), (L, E, D, F), expert_in, std)
+        self.w_up = p(rngs.params(), (L, E, D, F), expert_in, std)
+        self.w_out = p(rngs.params(), (L, E, F, D), ("layers", "experts", "mlp", "expert_embed"),
+                       out_std)
+        if cfg.moe.shared_experts:
+            S = cfg.moe.shared_experts * F
+            self.shared_gate = p(rngs.params(), (L, D, S), ("layers", "embed", "mlp"), std)
+            self.shared_up = p(rngs.params(), (L, D, S), ("layers", "embed", "mlp"), std)
+            self.shared_out = p(rngs.params(), (L, S, D), ("layers", "mlp", "embed"), out_std)
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: var.get_value() for name, var in vars(self).items()
@@ -79,32 +108,39 @@ class StackedBlocks(nnx.Module):
 
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
                  positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Every layer on x_BTD (one `lax.scan` over the stacked parameters, or a Python
-        loop); with a KV cache, each layer writes its keys and values into it."""
+                 cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+        """These layers on x_BTD (one `lax.scan` over the stacked parameters, or a Python
+        loop); with a KV cache, each layer writes its keys and values into it. Also
+        returns each layer's MoE router sums, stacked (L, ...) ({} for dense layers)."""
         axes, dt = self.layer_axes(), jnp.dtype(cfg.dtype)
 
         def body(p, x_BTD, layer, cache):
-            # weight matrices in the compute dtype, gathered; norm scales stay fp32
-            p = {k: layers.for_compute(v, axes[k], dt, constrain) if v.ndim >= 2 else v
+            # weight matrices in the compute dtype, gathered (the experts' inside their
+            # layer, models/moe.py); norm scales stay fp32
+            p = {k: v if v.ndim < 2 else layers.for_compute(v, axes[k], dt, constrain,
+                                                            gather="experts" not in axes[k])
                  for k, v in p.items()}
-            return layers.block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT,
-                                cache, layer)
+            return block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT, cache, layer)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
                                   prevent_cse=not cfg.scan_layers)
         params_L = self.stacked()
+        layer_L = self.first + jnp.arange(self.num_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             def step(carry, xs):
-                return body(xs[0], carry[0], xs[1], carry[1]), None
+                x_BTD, cache, stats = body(xs[0], carry[0], xs[1], carry[1])
+                return (x_BTD, cache), stats
 
-            layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x_BTD, cache), _ = jax.lax.scan(step, (x_BTD, cache), (params_L, layer_L))
-            return x_BTD, cache
-        for i in range(cfg.num_layers):
-            x_BTD, cache = body({k: v[i] for k, v in params_L.items()}, x_BTD, i, cache)
-        return x_BTD, cache
+            (x_BTD, cache), stats_L = jax.lax.scan(step, (x_BTD, cache), (params_L, layer_L))
+            return x_BTD, cache, stats_L
+        per_layer = []
+        for i in range(self.num_layers):
+            x_BTD, cache, stats = body({k: v[i] for k, v in params_L.items()}, x_BTD,
+                                       self.first + i, cache)
+            per_layer.append(stats)
+        return x_BTD, cache, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
 
 class Transformer(nnx.Module):
@@ -125,7 +161,12 @@ class Transformer(nnx.Module):
         if cfg.style == "gpt2":
             self.pos_embedding = _param(rngs.params(), (cfg.max_seq_len, D), ("length", "embed"),
                                         std / 2, pd)
-        self.blocks = StackedBlocks(cfg, rngs)
+        # dense layers in `blocks` (all of a dense model), then MoE layers in `moe_blocks`
+        if cfg.moe_layers < cfg.num_layers:
+            self.blocks = StackedBlocks(cfg, rngs, cfg.num_layers - cfg.moe_layers)
+        if cfg.moe_layers:
+            self.moe_blocks = StackedBlocks(cfg, rngs, cfg.moe_layers,
+                                            cfg.num_layers - cfg.moe_layers, moe=True)
         self.final_norm_scale = _param(None, (D,), ("vector",), 1.0, pd)
         if cfg.style == "gpt2":
             self.final_norm_bias = _param(None, (D,), ("vector",), 0.0, pd)
@@ -138,6 +179,16 @@ class Transformer(nnx.Module):
         """tokens (B, T) -> the final normalized hidden states (B, T, D) the head reads,
         and the KV cache with these tokens written in (None without a cache). Positions
         default to 0..T-1, or with a cache to the tokens' places in their sequences."""
+        x_BTD, cache, _ = self.hidden_and_router(tokens_BT, positions_BT, segment_ids_BT,
+                                                 cache)
+        return x_BTD, cache
+
+    def hidden_and_router(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                          segment_ids_BT: jax.Array | None = None,
+                          cache: KVCache | None = None
+                          ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+        """`hidden`, and the MoE layers' router sums stacked (L_moe, ...) (models/moe.py
+        route; {} for a dense model)."""
         cfg, constrain = self.cfg, self.constrain
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
@@ -150,9 +201,15 @@ class Transformer(nnx.Module):
                 x_BTD = x_BTD + layers.embed(self.pos_embedding.get_value(), positions_BT,
                                              dt, constrain, ("length", "embed"))
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
-        x_BTD, cache = self.blocks(cfg, constrain, x_BTD, positions_BT, segment_ids_BT, cache)
+        stats_L: dict[str, jax.Array] = {}
+        for stack in (getattr(self, "blocks", None), getattr(self, "moe_blocks", None)):
+            if stack is not None:
+                x_BTD, cache, stats = stack(cfg, constrain, x_BTD, positions_BT,
+                                            segment_ids_BT, cache)
+                stats_L = stats_L or stats
         bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
-        return layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps), cache
+        x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
+        return x_BTD, cache, stats_L
 
     def head_weight(self) -> jax.Array:
         """The output projection (D, V), logical axes ("embed", "vocab"), param dtype."""
@@ -191,14 +248,17 @@ class Transformer(nnx.Module):
     def logsumexp_and_target(self, tokens_BT: jax.Array, targets_BT: jax.Array,
                              positions_BT: jax.Array | None = None,
                              segment_ids_BT: jax.Array | None = None
-                             ) -> tuple[jax.Array, jax.Array]:
+                             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """What the loss needs without the full logits: logsumexp over the vocabulary and
-        the target's logit, (B, T) fp32 each, computed `cfg.vocab_chunks` slices at a time."""
-        x_BTD, _ = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+        the target's logit, (B, T) fp32 each, computed `cfg.vocab_chunks` slices at a time;
+        and the MoE auxiliary terms (models/moe.py aux_losses; {} for a dense model)."""
+        x_BTD, _, stats_L = self.hidden_and_router(tokens_BT, positions_BT, segment_ids_BT)
         with jax.named_scope("head"):
-            return head.logsumexp_and_target(x_BTD, self.head_weight(), targets_BT,
-                                             self.cfg.vocab_chunks, self.constrain,
-                                             jnp.dtype(self.cfg.dtype))
+            lse_BT, target_BT = head.logsumexp_and_target(
+                x_BTD, self.head_weight(), targets_BT, self.cfg.vocab_chunks, self.constrain,
+                jnp.dtype(self.cfg.dtype))
+        moe = aux_losses(self.cfg, stats_L) if stats_L else {}
+        return lse_BT, target_BT, moe
 
 
 def count_params(cfg: ModelConfig, *, exclude_positions: bool = True) -> int:
@@ -219,9 +279,18 @@ def count_params(cfg: ModelConfig, *, exclude_positions: bool = True) -> int:
 def count_matmul_params(cfg: ModelConfig) -> int:
     """The weights that multiply activations in a forward pass: every layer's
     projection matrices (those with an "embed" axis) and the output head (D x V; tied
-    or not). Not counted: an untied model's input embedding (a lookup), the position
-    table, norm scales and biases."""
+    or not); of an MoE layer's experts, the experts_per_token a token goes through. Not
+    counted: an untied model's input embedding (a lookup), the position table, norm
+    scales and biases."""
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    stacked, axes = model.blocks.stacked(), model.blocks.layer_axes()
-    blocks = sum(math.prod(v.shape) for k, v in stacked.items() if "embed" in axes[k])
-    return blocks + cfg.d_model * cfg.vocab_size
+    total = cfg.d_model * cfg.vocab_size
+    for stack in (getattr(model, "blocks", None), getattr(model, "moe_blocks", None)):
+        if stack is not None:
+            stacked, axes = stack.stacked(), stack.layer_axes()
+            for k, v in stacked.items():
+                if "experts" in axes[k]:  # a token passes through k of the E experts
+                    total += math.prod(v.shape) * cfg.moe.experts_per_token \
+                        // cfg.moe.num_experts
+                elif "embed" in axes[k]:
+                    total += math.prod(v.shape)
+    return total

@@ -95,7 +95,8 @@ def check_bf16_step(smoke: bool) -> tuple[bool, str]:
         batch = {k: jax.device_put(x.reshape(p.batch_shape), p.batch_sharding)
                  for k, x in (("inputs", rows[:, :-1]), ("targets", rows[:, 1:]))}
         states[dtype] = jax.jit(compute_grads)(state, batch)
-    (ce32, _, g32), (ce16, _, g16) = states["float32"], states["bfloat16"]
+    (t32, g32), (t16, g16) = states["float32"], states["bfloat16"]
+    ce32, ce16 = t32["loss"], t16["loss"]
     loss_error = abs(float(ce16) - float(ce32)) / float(ce32)
     total = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g32))))
     worst, name = 0.0, ""

@@ -13,8 +13,16 @@ from jax.sharding import AxisType, Mesh
 from sharding.errors import ShardingError
 
 # Order matters: the fastest-varying (innermost) axis is last, so tensor-parallel
-# collectives ("model") stay between neighbouring devices.
-MESH_AXES = ("data", "fsdp", "model")
+# collectives ("model") stay between neighbouring devices, and the expert all-to-all
+# next to them.
+MESH_AXES = ("data", "fsdp", "context", "expert", "model")
+# Axes a mesh may leave out (size 1): descriptions name them only when they are used.
+OPTIONAL_AXES = ("context", "expert")
+
+
+def shown_axes(sizes: dict[str, int]) -> list[str]:
+    """The axes worth naming: all but the optional ones of size 1."""
+    return [a for a in MESH_AXES if a not in OPTIONAL_AXES or sizes.get(a, 1) != 1]
 
 
 class MeshError(ShardingError):
@@ -24,9 +32,10 @@ class MeshError(ShardingError):
 def resolve_axis_sizes(requested: dict[str, int], num_devices: int) -> dict[str, int]:
     """Fill at most one -1 axis so the product equals `num_devices`.
 
-    Raises MeshError naming what was asked and what exists.
+    Axes left out are 1. Raises MeshError naming what was asked and what exists.
     """
-    asked = ", ".join(f"{a}={requested[a]}" for a in MESH_AXES)
+    requested = {a: 1 for a in MESH_AXES} | dict(requested)
+    asked = ", ".join(f"{a}={requested[a]}" for a in shown_axes(requested))
     for axis in MESH_AXES:
         size = requested[axis]
         if size == 0 or size < -1:
@@ -77,7 +86,10 @@ def make_mesh(requested: dict[str, int], devices: Sequence[jax.Device] | None = 
 
 def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices) -> np.ndarray:
     """Devices arranged as ICI x DCN: each axis' size is dcn[axis] ways across granules
-    (TPU slices, or processes where devices have no slice) times the rest within one."""
+    (TPU slices, or processes where devices have no slice) times the rest within one.
+    Axes left out of `sizes` or `dcn` are 1."""
+    sizes = {a: 1 for a in MESH_AXES} | dict(sizes)
+    dcn = {a: 1 for a in MESH_AXES} | dict(dcn)
     for axis in MESH_AXES:
         if dcn[axis] < 1 or sizes[axis] % dcn[axis]:
             raise MeshError(f"mesh.{axis}={sizes[axis]} does not divide by mesh.dcn_{axis}="
@@ -95,6 +107,8 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices) -> np.nd
 
 
 def describe(mesh: Mesh) -> str:
-    """'data=2, fsdp=2, model=2 (8 devices)' for error messages and logs."""
-    axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    """'data=2, fsdp=2, model=2 (8 devices)' for error messages and logs (context and
+    expert named only when used)."""
+    sizes = dict(mesh.shape)
+    axes = ", ".join(f"{name}={sizes[name]}" for name in shown_axes(sizes) if name in sizes)
     return f"{axes} ({mesh.size} devices)"

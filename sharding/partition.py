@@ -123,13 +123,21 @@ class ActivationSharding:
         """The mesh's device platform ("tpu" also for a TPU topology compiled from a CPU)."""
         return self.mesh.devices.flat[0].platform
 
+    def mesh_axes(self, logical_name: str) -> tuple[str, ...]:
+        """The mesh axes the rules give `logical_name` (for layers that run collectives
+        over them inside `per_shard`)."""
+        return dict(self.rules_items)[logical_name]
+
     def per_shard(self, fn: Callable, args: Sequence[jax.Array],
-                  logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
+                  logical_axes: Sequence[Sequence[str | None]], check: bool = False
+                  ) -> jax.Array:
         """fn on each device's shard of `args` (laid out by their logical axes; shard_map),
-        for kernels the partitioner cannot split itself. The result is laid out as args[0]."""
+        for kernels the partitioner cannot split itself, or layers that run their own
+        collectives (`check`: JAX verifies which values vary over which axes, so their
+        gradients are exact). The result is laid out as args[0]."""
         rules = dict(self.rules_items)
         specs = tuple(logical_to_spec(a, x.shape, rules, self.mesh, "per-shard input")
                       for a, x in zip(logical_axes, args))
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=specs[0],
-                             check_vma=False)(*args)
+                             check_vma=check)(*args)
 

@@ -21,13 +21,20 @@ Rules = dict[str, MeshAxes]
 # "vector": the d_model axis of 1-D per-layer parameters (norm scales, GPT-2's output
 # biases), replicated by every preset: sharding a few KB saves nothing and costs one
 # collective per use (docs/benchmarks.md has what that cost the tiny Llama).
+# "experts": the expert dimension of MoE weights; "expert_embed": their d_model axis,
+# which cannot take the `expert` mesh axis the experts already use (the other weights'
+# "embed" may: expert ways FSDP-shard attention rather than replicate it).
 PARAM_NAMES = ("layers", "vocab", "embed", "vector", "mlp", "heads", "kv_heads", "head_dim",
-               "length")
+               "length", "experts", "expert_embed")
 ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
                     "act_kv_heads", "act_vocab", "act_ids")
 
 _BATCH = {"batch": ("data", "fsdp")}
-_FSDP = {"embed": ("fsdp",)}
+_FSDP = {"embed": ("fsdp",), "expert_embed": ("fsdp",)}
+# Expert parallelism as MaxText lays it out: experts split over `expert`, which also
+# splits the batch and FSDP-shards every non-expert weight.
+_EP = {"batch": ("data", "fsdp", "expert"), "embed": ("fsdp", "expert"),
+       "expert_embed": ("fsdp",), "experts": ("expert",)}
 _TP = {
     "mlp": ("model",), "heads": ("model",), "kv_heads": ("model",), "vocab": ("model",),
     "act_mlp": ("model",), "act_heads": ("model",), "act_kv_heads": ("model",),
@@ -39,11 +46,14 @@ _TP = {
 #       weights are all-gathered per layer, gradients reduce-scattered).
 # tp: shard heads / mlp / vocab over `model` (Megatron-style tensor parallel).
 # fsdp_tp: both.
+# fsdp_ep, fsdp_tp_ep: fsdp / fsdp_tp with MoE experts split over `expert`.
 PRESETS: dict[str, dict[str, MeshAxes]] = {
     "dp": {**_BATCH},
     "fsdp": {**_BATCH, **_FSDP},
     "tp": {**_BATCH, **_TP},
     "fsdp_tp": {**_BATCH, **_FSDP, **_TP},
+    "fsdp_ep": {**_FSDP, **_EP},
+    "fsdp_tp_ep": {**_FSDP, **_EP, **_TP},
 }
 
 

@@ -47,6 +47,17 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def moe_run(tmp_path_factory):
+    """The tiny MoE trained by `python -m train` on an fsdp x expert mesh of 8 devices: its
+    output directory (metrics.jsonl, tensorboard/)."""
+    from runs import MOE_RUN
+    out = tmp_path_factory.mktemp("moe") / "run"
+    proc = run_cli(*MOE_RUN, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A short run of the tiny Llama on the stdlib bytes (2x2x2 mesh), checkpointed and
     evaluated at its last step: what generation, evaluation and export read."""

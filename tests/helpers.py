@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,38 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float,
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return loss_from_stats(lse_BT, target_BT, z_loss, weights_BT)
+
+
+def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read from TFRecord event files with the Event proto (not
+    through the writer's own code)."""
+    from tensorboardX.proto import event_pb2
+    out: dict[str, dict[int, float]] = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def randomized(model):
+    """A `transformers` model with every tensor random (transformers initializes norms
+    to 1 and biases to 0), so a transposed or swapped weight cannot go unnoticed."""
+    import torch
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def torch_logits(model, ids):
+    """A `transformers` model's logits (numpy) on token ids (B, T)."""
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()

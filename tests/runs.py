@@ -47,3 +47,14 @@ def wait_for(predicate, proc: subprocess.Popen, deadline_s: float = 300) -> None
 def logged_steps(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+MOE_STEPS = 6
+# The tiny MoE (configs/tiny-moe.yaml) shrunk, experts over expert=4 x fsdp=2 of the 8
+# devices (expert ways split the batch too), logging every step.
+MOE_RUN = ["--config", "configs/tiny-moe.yaml", f"train.steps={MOE_STEPS}",
+           "train.log_every=1", "train.seq_len=32", "train.batch_size=8",
+           "model.num_layers=2", "model.d_model=64", "model.mlp_dim=128",
+           "model.moe.expert_mlp_dim=64", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4",
+           "checkpoint.every_steps=0", "data.max_bytes=2000000",
+           f"optimizer.decay_steps={MOE_STEPS}", "compile_cache_dir=null"]

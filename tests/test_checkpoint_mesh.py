@@ -19,7 +19,7 @@ from helpers import small_config
 
 
 def setup(cfg, shape, rules):
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "model"), shape)))
     rules = sharding.make_rules(rules, mesh.axis_names)
     batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
     return mesh, rules, WindowBatches(cfg, batch_sharding, None), batch_sharding

@@ -1,30 +1,12 @@
 """`python -m train` end to end, as a user runs it, in a subprocess."""
 
 import json
-import struct
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, cli_env, run_cli
-
-
-def tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} read from TFRecord event files with the Event proto (not
-    through the writer's own code)."""
-    from tensorboardX.proto import event_pb2
-    out: dict[str, dict[int, float]] = {}
-    for path in log_dir.glob("events.out.tfevents.*"):
-        data = path.read_bytes()
-        i = 0
-        while i < len(data):  # record: u64 length, u32 crc, payload, u32 crc
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            for v in event.summary.value:
-                out.setdefault(v.tag, {})[event.step] = v.simple_value
-    return out
+from helpers import REPO, cli_env, run_cli, tensorboard_scalars
 
 
 def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):

@@ -39,7 +39,8 @@ def param_bytes(r: dict) -> int:
 @needs_libtpu
 def test_preflight_for_a_tpu_slice(tmp_path):
     r, text = report(tmp_path, "--topology", "v5e:2x2")
-    assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
+    assert r["devices"] == 4
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "expert": 1, "model": 1}
     assert r["hbm_per_chip"] == 16 * 1024 ** 3 and r["fits"] is True
     m = r["memory_per_chip"]
     assert m["total"] == m["arguments"] + m["outputs"] + m["temporaries"] > 0
@@ -57,7 +58,8 @@ def test_preflight_for_two_slices(tmp_path):
     across the slices (DCN) while fsdp stays within each slice (ICI)."""
     r, text = report(tmp_path, "--topology", "v5e:2x2", "--slices", "2", "mesh.data=2",
                      "mesh.dcn_data=2")
-    assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "model": 1}
+    assert r["devices"] == 8
+    assert r["mesh"] == {"data": 2, "fsdp": 4, "context": 1, "expert": 1, "model": 1}
     assert "x 2 slices" in r["target"]
     assert r["dcn_axes"] == ["data"]
     assert "across slices (DCN): data; within each slice (ICI): fsdp, model" in text
@@ -124,6 +126,19 @@ def test_fsdp_tp_report_matches_parameter_and_activation_math(tmp_path):
     assert total(r, "all-gather", "model") <= activation  # the embedding lookup's rows
     # with data parallelism too (2 x 2 x 2) the lookup is not replicated either
     report(tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp")
+
+
+def test_moe_report_counts_the_expert_all_to_all(tmp_path):
+    """tiny-moe (fp32, no remat) on fsdp=2 x expert=4: per MoE layer and chip, the padded
+    dispatch sends each of the 4 peers a buffer for all its m = b T k (token, expert)
+    pairs (b = B / 8 sequences): the tokens there and the results back (4 m D fp32 each,
+    twice again in the backward pass) and the experts' ids (4 m int32, forward only)."""
+    r, text = report(tmp_path, "--config", "configs/tiny-moe.yaml", "mesh.fsdp=2",
+                     "mesh.expert=4", "model.remat=none")
+    layers, d, peers, m = 4, 128, 4, (16 // 8) * 128 * 2
+    expected = layers * (4 * peers * m * d * 4 + peers * m * 4)
+    assert total(r, "all-to-all", "expert") == pytest.approx(expected, rel=0.01)
+    assert "all-to-all          over expert" in text and "mesh data=1, fsdp=2, expert=4" in text
 
 
 @pytest.mark.once

@@ -9,9 +9,9 @@ from sharding import MeshError, PartitionError, RulesError
 
 def test_minus_one_fills_remaining_devices(devices):
     mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "model": 2})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "expert": 1, "model": 2}
     assert sharding.resolve_axis_sizes({"data": -1, "fsdp": 1, "model": 4}, 8) == {
-        "data": 2, "fsdp": 1, "model": 4}
+        "data": 2, "fsdp": 1, "context": 1, "expert": 1, "model": 4}
 
 
 def test_device_count_mismatch_says_asked_and_available(devices):
@@ -76,8 +76,8 @@ def test_unknown_names_and_axes_fail(devices):
     with pytest.raises(RulesError, match="'mlp' -> 'tensor': no such mesh axis"):
         sharding.make_rules({"mlp": "tensor"}, mesh.axis_names)
     rules = sharding.make_rules("dp", mesh.axis_names)
-    with pytest.raises(PartitionError, match="logical axis 'experts' has no rule"):
-        sharding.logical_to_spec(("experts",), (8,), rules, mesh, "router")
+    with pytest.raises(PartitionError, match="logical axis 'adapters' has no rule"):
+        sharding.logical_to_spec(("adapters",), (8,), rules, mesh, "lora")
 
 
 def test_multislice_mesh_puts_the_dcn_axis_across_slices():
@@ -97,7 +97,7 @@ def test_multislice_mesh_puts_the_dcn_axis_across_slices():
     devices = [FakeDevice(i, i // 4) for i in range(8)]
     grid = hybrid_devices({"data": 2, "fsdp": 4, "model": 1},
                           {"data": 2, "fsdp": 1, "model": 1}, devices)
-    assert grid.shape == (2, 4, 1)
+    assert grid.shape == (2, 4, 1, 1, 1)
     assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
     with pytest.raises(sharding.MeshError, match="span 2 TPU slices"):
         hybrid_devices({"data": 2, "fsdp": 4, "model": 1}, {"data": 1, "fsdp": 4, "model": 1},

@@ -144,3 +144,24 @@ def test_two_processes_generate_what_one_process_generates(trained_run, tmp_path
     strip = lambda s: s[s.index("--- 0:"):s.index("\nprefill ")]  # noqa: E731
     assert "--- 1: 16 new tokens" in texts[0]
     assert strip(texts[0]) == strip(one.stdout)
+
+
+def test_two_processes_train_the_tiny_moe_as_one_process_does(moe_run, tmp_path):
+    """The tiny MoE with its experts over expert=4 of a mesh spanning both processes:
+    the same per-step losses and expert load as one process with 8 devices."""
+    from runs import MOE_RUN
+    port, procs, out = free_port(), [], tmp_path / "run"
+    for i in range(2):
+        env = cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train", *MOE_RUN, f"output_dir={out}"], cwd=REPO, env=env,
+            stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT))
+    codes = wait_all(procs, 400)
+    assert codes == [0, 0], (tmp_path / "p0.log").read_text()[-3000:]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read(moe_run), read(out)
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        for key in ("loss", "moe_aux_loss", "expert_load", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

@@ -25,13 +25,14 @@ STEPS = 3
 
 def run_on_mesh(cfg, shape, devices, steps=STEPS):
     """(loss, grads, per-step losses) of `cfg` on a (data, fsdp, model) mesh."""
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)),
+    mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "model"), shape)),
                               devices=devices[:int(np.prod(shape))])
     rules = sharding.make_rules("fsdp_tp", mesh.axis_names)
     state, state_shardings = build_state(cfg, mesh, rules)
     batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
     batches = WindowBatches(cfg, batch_sharding, corpus=None)
-    ce, _, grads = jax.jit(compute_grads)(state, batches.batch(0))
+    terms, grads = jax.jit(compute_grads)(state, batches.batch(0))
+    ce = terms["loss"]
     step = jit_train_step(state_shardings, {"inputs": batch_sharding, "targets": batch_sharding})
     losses = []
     for i in range(steps):

@@ -29,8 +29,13 @@ def test_cross_entropy_and_z_loss_by_hand():
     np.testing.assert_allclose(total, ce_expected + z_expected, rtol=1e-6)
 
 
+def _ce_grads(state, batch):
+    terms, grads = jax.jit(compute_grads)(state, batch)
+    return terms["loss"], grads
+
+
 def _state_and_batch(cfg, devices, shape=(2, 2, 2)):
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices=devices)
+    mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "model"), shape)), devices=devices)
     state, _ = build_state(cfg, mesh)
     batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
     return state, WindowBatches(cfg, batch_sharding, None).batch(0)
@@ -46,8 +51,8 @@ def test_gradient_accumulation_equals_one_big_batch(devices):
     # Same 32 sequences, split into 4 microbatches of 8.
     np.testing.assert_array_equal(np.asarray(batch_micro["inputs"]).reshape(32, 16),
                                   np.asarray(batch_big["inputs"]).reshape(32, 16))
-    ce_big, _, g_big = jax.jit(compute_grads)(state, batch_big)
-    ce_micro, _, g_micro = jax.jit(compute_grads)(state, batch_micro)
+    ce_big, g_big = _ce_grads(state, batch_big)
+    ce_micro, g_micro = _ce_grads(state, batch_micro)
     np.testing.assert_allclose(ce_micro, ce_big, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_micro), jax.tree.leaves(g_big)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
@@ -89,7 +94,7 @@ def test_step_metrics_and_counter(devices):
     new_state, metrics = jax.jit(train_step)(state, batch)
     assert int(new_state.step) == 1
     assert set(metrics) == {"loss", "z_loss", "grad_norm", "lr", "nonfinite", "skipped_steps"}
-    grads = jax.jit(compute_grads)(state, batch)[2]
+    grads = jax.jit(compute_grads)(state, batch)[1]
     norm = np.sqrt(sum(float(jnp.sum(g.astype(jnp.float32) ** 2))
                        for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
@@ -131,7 +136,7 @@ def test_cpu_compile_options_give_the_same_states(devices, style):
     steps the same up to rounding (O2 may vectorize a reduction differently: here a few
     elements differ in their last bit)."""
     cfg = small_config(f"model.style={style}", "model.num_kv_heads=8", "train.batch_size=16")
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, (2, 2, 2))), devices=devices)
+    mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "model"), (2, 2, 2))), devices=devices)
     p = plan(cfg, mesh=mesh)
     init, shardings = p.init, p.shardings
     assert compile_options(shardings) == {"xla_backend_optimization_level": 2}
@@ -158,7 +163,7 @@ def test_a_nonfinite_step_leaves_the_state_as_it_was(devices):
     state, batch = _state_and_batch(cfg, devices)
     step = jax.jit(train_step)
 
-    _, _, grads = jax.jit(compute_grads)(state, batch)
+    _, grads = jax.jit(compute_grads)(state, batch)
     updates, opt_expected = jax.jit(state.tx.update)(grads, state.opt_state, state.params)
     new, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 0 and int(new.skipped) == 0
@@ -207,8 +212,8 @@ def test_a_bf16_train_step_matches_fp32_within_bf16_rounding(devices, style):
     state16, _ = _state_and_batch(small_config(*common, "model.dtype=bfloat16"), devices)
     for a, b in zip(jax.tree.leaves(state32.params), jax.tree.leaves(state16.params)):
         np.testing.assert_array_equal(a, b)  # the same fp32 parameters
-    ce32, _, g32 = jax.jit(compute_grads)(state32, batch)
-    ce16, _, g16 = jax.jit(compute_grads)(state16, batch)
+    ce32, g32 = _ce_grads(state32, batch)
+    ce16, g16 = _ce_grads(state16, batch)
     assert abs(float(ce16) - float(ce32)) <= BF16_EPS * float(ce32)
     total = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(g32))))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import yaml
 
 from models.config import ModelConfig
+from sharding.mesh import MESH_AXES
 from train.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -40,30 +41,40 @@ def _not_s3(key: str, value: str | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    # One size per parallelism, in mesh order (sharding.MESH_AXES); 1: unused, -1: the
+    # devices left (one axis at most).
     data: int = 1
     fsdp: int = -1
+    context: int = 1  # sequence (context) parallelism: sized now, used by a later release
+    expert: int = 1  # expert parallelism: MoE experts split over it (it also splits the batch)
     model: int = 1
     # Multi-slice (TPU) or multi-node (GPU): how many of an axis' ways go across slices
     # or processes over the data-center network (DCN); the rest stay on fast links (ICI).
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_context: int = 1
+    dcn_expert: int = 1
     dcn_model: int = 1
 
     def axes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "model": self.model}
+        return {a: getattr(self, a) for a in MESH_AXES}
 
     def dcn(self) -> dict[str, int]:
-        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "model": self.dcn_model}
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
 
     def check(self) -> None:
         """Axis sizes are checked against the devices when the mesh is built."""
-        _positive("mesh", self, "dcn_data", "dcn_fsdp", "dcn_model")
+        _positive("mesh", self, *(f"dcn_{a}" for a in MESH_AXES))
+        if self.context not in (1,):
+            raise ConfigError(f"mesh.context={self.context}: context parallelism is not "
+                              "implemented yet; set mesh.context=1 (shard long sequences "
+                              "with mesh.fsdp and remat meanwhile)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
-    # A preset name (dp, fsdp, tp, fsdp_tp) or a mapping logical name -> mesh axes,
-    # optionally with `preset: NAME` to start from.
+    # A preset name (dp, fsdp, tp, fsdp_tp, fsdp_ep, fsdp_tp_ep) or a mapping logical
+    # name -> mesh axes, optionally with `preset: NAME` to start from.
     rules: Union[str, dict] = "fsdp"
 
 

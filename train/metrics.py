@@ -148,6 +148,8 @@ def format_row(row: dict) -> str:
             f" | {lr} | {row['tokens_per_sec']:,.0f} tok/s"
             f" | {1000 * row['step_time_s']:.1f} ms/step"
             f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}"
+            + (f" | moe_aux {row['moe_aux_loss']:.3f} expert_load {row['expert_load']:.2f}"
+               if "expert_load" in row else "")
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
                if "eval_loss" in row else ""))
 

@@ -77,6 +77,24 @@ def check_batches(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
             "change the batch size or the mesh")
 
 
+def check_experts(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
+    """A ConfigError for an `expert` mesh axis nothing is split over, or experts that do
+    not divide by the ways they are split."""
+    used = {a for axes in rules.values() for a in axes}
+    if mesh.shape.get("expert", 1) > 1 and "expert" not in used:
+        raise ConfigError(f"mesh.expert={mesh.shape['expert']} but sharding.rules "
+                          f"{cfg.sharding.rules!r} splits nothing over it; use the "
+                          "fsdp_ep or fsdp_tp_ep rules, or set mesh.expert=1")
+    moe = cfg.model.moe
+    ways = 1
+    for axis in rules["experts"]:
+        ways *= mesh.shape[axis]
+    if moe.enabled and moe.num_experts % ways:
+        axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in rules["experts"])
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} does not divide by the "
+                          f"{ways} expert ways ({axes}); pick an expert axis that divides it")
+
+
 def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
          mesh: Mesh | None = None, rules: sharding.rules.Rules | None = None,
          batches: bool = True) -> Plan:
@@ -87,6 +105,7 @@ def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
         mesh = sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
+    check_experts(cfg, mesh, rules)
     if batches:
         check_batches(cfg, mesh, rules)
     init = make_init(cfg, mesh, rules)

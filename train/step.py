@@ -33,13 +33,28 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {"positions_BT": batch.get("positions"), "segment_ids_BT": batch.get("segment_ids")}
 
 
+MOE_TERMS = ("moe_aux_loss", "moe_z_loss", "expert_load")
+
+
 def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
-            total_weight: jax.Array):
+            total_weight: jax.Array, num_micro: int = 1):
+    """The microbatch's share of the loss, and its terms: ce, z (logit z-loss) and, for
+    MoE models, moe_aux_loss, moe_z_loss (each microbatch's, divided by num_micro so
+    they add up to the mean) and expert_load."""
     model = nnx.merge(state.graphdef, params)
-    lse_BT, target_BT = model.logsumexp_and_target(micro["inputs"], micro["targets"],
-                                                   **model_inputs(micro))
-    return loss_from_stats(lse_BT, target_BT, state.step_cfg.z_loss, micro.get("weights"),
-                           total_weight)
+    lse_BT, target_BT, moe = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                        **model_inputs(micro))
+    total, (ce, z) = loss_from_stats(lse_BT, target_BT, state.step_cfg.z_loss,
+                                     micro.get("weights"), total_weight)
+    terms = {"loss": ce, "z_loss": z}
+    if moe:
+        m = model.cfg.moe
+        terms["moe_aux_loss"] = moe["moe_aux_loss"] / num_micro
+        terms["moe_z_loss"] = moe["moe_z_loss"] / num_micro
+        terms["expert_load"] = jax.lax.stop_gradient(moe["expert_load"])
+        total = (total + m.aux_loss_coef * terms["moe_aux_loss"]
+                 + m.router_z_loss_coef * terms["moe_z_loss"])
+    return total, terms
 
 
 def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
@@ -50,7 +65,8 @@ def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
-    """Mean loss and gradients over the batch's microbatches.
+    """The loss terms (`loss_fn`; summed over microbatches, expert_load their maximum)
+    and gradients over the batch's microbatches.
 
     Every batch entry is (M, B/M, T): inputs and targets (int32), and optionally weights
     (float32; padding and cross-document targets have 0), positions and segment_ids.
@@ -63,20 +79,23 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
     num_micro = batch["inputs"].shape[0]
     if num_micro == 1:
         micro = jax.tree.map(lambda x: x[0], batch)
-        (_, (ce, z)), grads = grad_fn(state.params, state, micro, weight)
-        return ce, z, grads
+        (_, terms), grads = grad_fn(state.params, state, micro, weight)
+        return terms, grads
 
     def accumulate(carry, micro):
-        ce_sum, z_sum, grad_sum = carry
-        (_, (ce, z)), grads = grad_fn(state.params, state, micro, weight)
+        term_sum, grad_sum = carry
+        (_, terms), grads = grad_fn(state.params, state, micro, weight, num_micro)
+        term_sum = {k: jnp.maximum(v, terms[k]) if k == "expert_load" else v + terms[k]
+                    for k, v in term_sum.items()}
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-        return (ce_sum + ce, z_sum + z, grad_sum), None
+        return (term_sum, grad_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-    (ce_sum, z_sum, grad_sum), _ = jax.lax.scan(accumulate, init, batch)
+    keys = ("loss", "z_loss") + (MOE_TERMS if state.model().cfg.moe.enabled else ())
+    init = ({k: jnp.zeros((), jnp.float32) for k in keys}, zeros)
+    (terms, grad_sum), _ = jax.lax.scan(accumulate, init, batch)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
-    return ce_sum, z_sum, grads
+    return terms, grads
 
 
 def eval_sums(model, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -84,8 +103,8 @@ def eval_sums(model, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     cross-entropy) and weight (tokens counted); callers divide after summing batches."""
 
     def one(carry, micro):
-        lse_BT, target_BT = model.logsumexp_and_target(micro["inputs"], micro["targets"],
-                                                       **model_inputs(micro))
+        lse_BT, target_BT, _ = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                          **model_inputs(micro))
         w_BT = micro.get("weights", jnp.ones(micro["targets"].shape, jnp.float32))
         _, (ce_sum, _) = loss_from_stats(lse_BT, target_BT, 0.0, w_BT, jnp.float32(1.0))
         return (carry[0] + ce_sum, carry[1] + jnp.sum(w_BT)), None
@@ -109,7 +128,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
     """One optimizer step. Metrics: loss (cross-entropy), z_loss, grad_norm (before
     clipping), lr (the rate this step's update applied: 0 when it was dropped),
     nonfinite (1 if the loss or gradient norm was NaN/Inf), skipped_steps (how many
-    updates were dropped so far).
+    updates were dropped so far); for MoE models also moe_aux_loss, moe_z_loss and
+    expert_load (`loss_fn`).
 
     A non-finite step never reaches the parameters: its update is dropped in-graph
     (the loop then stops or goes on, per train.nonfinite), so the state, and any
@@ -117,9 +137,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
     as a select between the new and old state, which would be one more pass over the
     parameters and both optimizer moments.
     """
-    ce, z, grads = compute_grads(state, batch)
+    terms, grads = compute_grads(state, batch)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
+    ok = jnp.isfinite(grad_norm)
+    for value in terms.values():
+        ok &= jnp.isfinite(value)
 
     def update(params, opt_state):
         updates, opt_state = state.tx.update(grads, opt_state, params)
@@ -132,7 +154,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
                               opt_state=opt_state)
     # optax's schedule counts the updates it applied, not the steps taken
     lr = jnp.where(ok, state.step_cfg.schedule(state.step - state.skipped), 0.0)
-    metrics = {"loss": ce, "z_loss": z, "grad_norm": grad_norm, "lr": lr,
+    metrics = {**terms, "grad_norm": grad_norm, "lr": lr,
                "nonfinite": (~ok).astype(jnp.int32), "skipped_steps": skipped}
     return new_state, metrics
 

@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from sharding.mesh import shown_axes
 from train.config import Config
 from train.data.resolve import resolve_data
 from train.errors import DoesNotFit
@@ -103,10 +104,10 @@ def size(b: float) -> str:
 
 def render(r: dict) -> str:
     m = r["memory_per_chip"]
-    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    mesh = ", ".join(f"{k}={r['mesh'][k]}" for k in shown_axes(r["mesh"]))
     lines = [f"target {r['target']}: {r['devices']} devices, mesh {mesh}, rules {r['rules']}"]
     if r["dcn_axes"]:
-        within = [a for a in r["mesh"] if a not in r["dcn_axes"]]
+        within = [a for a in shown_axes(r["mesh"]) if a not in r["dcn_axes"]]
         lines.append(f"across slices (DCN): {', '.join(r['dcn_axes'])}; within each slice "
                      f"(ICI): {', '.join(within)}")
     lines.append(f"model {r['params'] / 1e6:.1f}M parameters, {r['tokens_per_step']:,} "

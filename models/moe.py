@@ -1,0 +1,183 @@
+"""Mixture-of-experts MLP: a softmax router picks each token's top-k experts; every
+routed token is computed (dropless): the (token, expert) pairs are sorted by expert and
+run through a grouped matmul (`jax.lax.ragged_dot`, or on TPUs the megablox kernel).
+
+With experts split over mesh axes (expert parallelism), each device sorts its own
+tokens by the device holding their expert and exchanges them with an all-to-all. The
+exchange is padded so that nothing is dropped: a device sends each peer a buffer big
+enough for all of its (token, expert) pairs, of which only the real rows are computed.
+The layer never sees a mesh: it is handed the mesh axes of the "experts" and "mlp"
+names by its caller (`constrain.mesh_axes`) and runs per device through
+`layers.per_shard`.
+
+Shapes: B batch, T length, D d_model, E experts, k experts per token, F expert width,
+n tokens of one device (B T there), m = n k (token, expert) pairs, s peers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+from models.config import ModelConfig
+from models.layers import Constrain, per_shard, swiglu_f32, swiglu_mlp
+
+# The per-layer sums the auxiliary losses and the load metric are made of.
+STAT_KEYS = ("counts_E", "probs_E", "z_sum", "tokens")
+
+
+def route(cfg: ModelConfig, w_router_DE: jax.Array, h_BTD: jax.Array, constrain: Constrain
+          ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Softmax over the experts in fp32, then the top k; their weights renormalised to
+    sum to 1 with moe.norm_topk_prob. Returns the weights (B, T, k) fp32, the experts
+    (B, T, k) int32, and this layer's sums: routed pairs per expert counts_E, router
+    probabilities per expert probs_E, z_sum (logsumexp^2 over tokens) and tokens."""
+    E, k = cfg.moe.num_experts, cfg.moe.experts_per_token
+    logits_BTE = jnp.einsum("btd,de->bte", h_BTD, w_router_DE.astype(h_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+    logits_BTE = constrain(logits_BTE, ("batch", "act_length", None))
+    probs_BTE = jax.nn.softmax(logits_BTE, axis=-1)
+    weights_BTk, experts_BTk = jax.lax.top_k(probs_BTE, k)
+    if cfg.moe.norm_topk_prob:
+        weights_BTk = weights_BTk / jnp.sum(weights_BTk, axis=-1, keepdims=True)
+    chosen_E = jnp.sum(jax.nn.one_hot(experts_BTk, E, dtype=jnp.float32), axis=(0, 1, 2))
+    lse_BT = jax.nn.logsumexp(logits_BTE, axis=-1)
+    stats = {"counts_E": jax.lax.stop_gradient(chosen_E),
+             "probs_E": jnp.sum(probs_BTE, axis=(0, 1)),
+             "z_sum": jnp.sum(jnp.square(lse_BT)),
+             "tokens": jnp.asarray(h_BTD.shape[0] * h_BTD.shape[1], jnp.float32)}
+    return weights_BTk, experts_BTk, stats
+
+
+def grouped_matmul(kernel: str, platform: str) -> Callable:
+    """(x_mK, w_GKN, sizes_G) -> (m, N): rows of group g times w[g], in x's dtype; rows
+    past the groups give 0. `kernel` as model.moe.kernel."""
+    if kernel == "auto":
+        kernel = "megablox" if platform == "tpu" else "ragged_dot"
+    if kernel == "ragged_dot":
+        return jax.lax.ragged_dot
+
+    def megablox(x_mK, w_GKN, sizes_G):
+        (_, K, N), tiles = w_GKN.shape, (128, 128, 128)
+        if K % 128 or N % 128:  # the kernel's tiles must divide the matrices
+            return jax.lax.ragged_dot(x_mK, w_GKN, sizes_G)
+        # rows padded to whole tiles; the kernel leaves rows past the groups (and their
+        # gradients) unwritten
+        m = x_mK.shape[0]
+        x_pK = jnp.pad(x_mK, ((0, -m % tiles[0]), (0, 0)))
+        inside_p1 = (jnp.arange(x_pK.shape[0]) < jnp.sum(sizes_G))[:, None]
+        x_pK = jnp.where(inside_p1, x_pK, 0)
+        out_pN = gmm(x_pK, w_GKN, sizes_G, x_mK.dtype, tiles, interpret=platform != "tpu")
+        return jnp.where(inside_p1, out_pN, 0)[:m]
+
+    return megablox
+
+
+def _grouped_swiglu(matmul, x_mD, sizes_G, w_gate_GDF, w_up_GDF, w_out_GFD) -> jax.Array:
+    """Each group's rows through its own SwiGLU expert; rows past the groups give 0."""
+    gate_mF = matmul(x_mD, w_gate_GDF, sizes_G)
+    up_mF = matmul(x_mD, w_up_GDF, sizes_G)
+    return matmul(swiglu_f32(gate_mF, up_mF), w_out_GFD, sizes_G)
+
+
+def _count(ids_m: jax.Array, size: int) -> jax.Array:
+    """How many of ids_m fall on each of 0..size-1 (others ignored), int32 (size,)."""
+    return jnp.zeros((size,), jnp.int32).at[ids_m].add(1, mode="drop")
+
+
+def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_EFD, *,
+                   num_experts: int, expert_axes: tuple[str, ...],
+                   model_axes: tuple[str, ...], fsdp_axes: tuple[str, ...],
+                   matmul: Callable) -> jax.Array:
+    """The routed experts' weighted sum for one device's tokens (B, T, D), holding
+    experts [j E/s, (j+1) E/s) of the weights (and, with model_axes, a slice of F; with
+    fsdp_axes, a slice of D, gathered here: the gradient is then reduce-scattered
+    straight back to the slices, not all-reduced whole)."""
+    if fsdp_axes:
+        w_gate_EDF, w_up_EDF = (jax.lax.all_gather(w, fsdp_axes, axis=1, tiled=True)
+                                for w in (w_gate_EDF, w_up_EDF))
+        w_out_EFD = jax.lax.all_gather(w_out_EFD, fsdp_axes, axis=2, tiled=True)
+    B, T, D = x_BTD.shape
+    k = experts_BTk.shape[-1]
+    E_here = w_gate_EDF.shape[0]
+    peers = num_experts // E_here
+    x_nD = x_BTD.reshape(B * T, D)
+    expert_m = experts_BTk.reshape(-1)
+    order_m = jnp.argsort(expert_m, stable=True)  # pairs sorted by expert
+    expert_sorted_m = expert_m[order_m]
+    x_sorted_mD = x_nD[order_m // k]
+    weights = (w_gate_EDF, w_up_EDF, w_out_EFD)
+    swiglu = functools.partial(_grouped_swiglu, matmul)
+    if peers == 1:
+        y_sorted_mD = swiglu(x_sorted_mD, _count(expert_sorted_m, E_here), *weights)
+    else:
+        m = expert_m.shape[0]
+        # the peer holding each pair's expert, and the pair's row in the buffer to it
+        peer_m = expert_sorted_m // E_here
+        sent_s = _count(peer_m, peers)
+        starts_s = jnp.cumsum(sent_s) - sent_s
+        row_m = jnp.arange(m) - starts_s[peer_m]
+        send_smD = jnp.zeros((peers, m, D), x_BTD.dtype).at[peer_m, row_m].set(x_sorted_mD)
+        # the expert of each row as its holder numbers them; E_here marks padding
+        send_sm = jnp.full((peers, m), E_here, jnp.int32).at[peer_m, row_m].set(
+            expert_sorted_m % E_here)
+        a2a = functools.partial(jax.lax.all_to_all, axis_name=expert_axes, split_axis=0,
+                                concat_axis=0, tiled=True)
+        got_rD, got_r = a2a(send_smD).reshape(peers * m, D), a2a(send_sm).reshape(-1)
+        by_expert_r = jnp.argsort(got_r, stable=True)  # padding (E_here) last
+        y_rD = swiglu(got_rD[by_expert_r], _count(got_r, E_here), *weights)
+        y_rD = y_rD[jnp.argsort(by_expert_r)]  # back to the order received
+        back_smD = a2a(y_rD.reshape(peers, m, D))
+        y_sorted_mD = back_smD[peer_m, row_m]
+    # back to token order by a gather (the inverse permutation), cheaper than a scatter
+    y_nkD = y_sorted_mD[jnp.argsort(order_m)].reshape(B * T, k, D)
+    out_nD = jnp.einsum("nk,nkd->nd", weights_BTk.reshape(B * T, k).astype(y_nkD.dtype),
+                        y_nkD, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+    if model_axes:  # each device summed over its slice of the experts' width
+        out_nD = jax.lax.psum(out_nD, model_axes)
+    return out_nD.reshape(B, T, D)
+
+
+def moe_mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
+            constrain: Constrain) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The mixture-of-experts MLP of one layer on h_BTD (B, T, D): the routed experts'
+    weighted sum, plus the shared experts' dense MLP when there are any; and the layer's
+    router sums (`route`)."""
+    weights_BTk, experts_BTk, stats = route(cfg, p["router"], h_BTD, constrain)
+    axes_of = getattr(constrain, "mesh_axes", lambda name: ())
+    platform = getattr(constrain, "platform", jax.default_backend())
+    matmul = grouped_matmul(cfg.moe.kernel, platform)
+    local = functools.partial(_experts_local, num_experts=cfg.moe.num_experts,
+                              expert_axes=axes_of("experts"), model_axes=axes_of("mlp"),
+                              fsdp_axes=axes_of("expert_embed"), matmul=matmul)
+    tokens = ("batch", "act_length", None)
+    out_BTD = per_shard(constrain, local,
+                        [h_BTD, experts_BTk, weights_BTk, p["w_gate"], p["w_up"], p["w_out"]],
+                        [tokens, tokens, tokens, ("experts", "expert_embed", "mlp"),
+                         ("experts", "expert_embed", "mlp"), ("experts", "mlp", "expert_embed")],
+                        check=matmul is jax.lax.ragged_dot)
+    if cfg.moe.shared_experts:
+        out_BTD = out_BTD + swiglu_mlp(h_BTD, p["shared_gate"], p["shared_up"],
+                                       p["shared_out"], constrain)
+    return constrain(out_BTD, ("batch", "act_length", "act_embed")), stats
+
+
+def aux_losses(cfg: ModelConfig, stats_L: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """From the MoE layers' stacked sums (L, ...): the load-balancing loss in Mixtral's
+    form (transformers' load_balancing_loss_func: E times the dot product of the routed
+    fraction per expert and the mean router probability per expert, both over every
+    layer's tokens), the router z-loss (mean over layers and tokens of logsumexp^2),
+    and expert_load: the most loaded expert's routed pairs over the mean, at the most
+    unbalanced layer (1: perfectly balanced; E / k: every token to the same k)."""
+    E = cfg.moe.num_experts
+    rows = jnp.sum(stats_L["tokens"])
+    balance = E * jnp.sum(jnp.sum(stats_L["counts_E"], 0) / rows
+                          * jnp.sum(stats_L["probs_E"], 0) / rows)
+    counts_LE = stats_L["counts_E"]
+    load_L = jnp.max(counts_LE, -1) / jnp.maximum(jnp.mean(counts_LE, -1), 1e-9)
+    return {"moe_aux_loss": balance, "moe_z_loss": jnp.sum(stats_L["z_sum"]) / rows,
+            "expert_load": jnp.max(load_L)}
