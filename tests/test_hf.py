@@ -16,7 +16,7 @@ from train.errors import ConversionError  # noqa: E402
 from train.hf.convert import ckpt_to_hf, hf_to_ckpt  # noqa: E402
 from train.inference import Generator, load  # noqa: E402
 
-from helpers import padded_spec, run_cli, small_config  # noqa: E402
+from helpers import padded_spec, randomized, run_cli, small_config, torch_logits  # noqa: E402
 
 VOCAB = 100  # padded to 128 on import
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp"]
@@ -40,27 +40,12 @@ def hf_gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def randomized(model):
-    """transformers initializes norms to 1 and biases to 0: randomize every tensor, so
-    a transposed or swapped weight cannot go unnoticed."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model.eval()
-
-
 MODELS = {"llama": lambda: hf_llama(False), "llama-tied": lambda: hf_llama(True),
           "gpt2": hf_gpt2}
 
 
 def tokens(batch=4, length=24, seed=1):
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
-
-
-def torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -98,9 +83,10 @@ def test_import_matches_transformers(kind, tmp_path, devices):
 def test_unsupported_architecture_is_one_line(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(
-        {"architectures": ["MixtralForCausalLM"], "vocab_size": 10}))
-    with pytest.raises(ConversionError, match="MixtralForCausalLM.*supported: LlamaForCausalLM, "
-                                           "GPT2LMHeadModel"):
+        {"architectures": ["FalconForCausalLM"], "vocab_size": 10}))
+    with pytest.raises(ConversionError, match="FalconForCausalLM.*supported: LlamaForCausalLM, "
+                                           "GPT2LMHeadModel, MixtralForCausalLM, "
+                                           "Qwen3MoeForCausalLM"):
         hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
     (tmp_path / "hf" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
     with pytest.raises(ConversionError) as err:

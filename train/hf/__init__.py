@@ -2,16 +2,16 @@
 that family's checkpoints need (config translation both ways, parameter names and
 layouts); `tensors` reads and writes the safetensors files for any family, and
 `convert` ties them to our export directories. A new family is one new module, listed
-in FAMILIES."""
+in FAMILIES: ARCHITECTURE, exports(m), model_config, hf_config, mapping, joined_tensors."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 from train.errors import ConversionError
-from train.hf import gpt2, llama
+from train.hf import gpt2, llama, mixtral, qwen3_moe
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt2)
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, mixtral, qwen3_moe)
 # model.* keys about how to compute, not shapes: an import takes them from --config
 COMPUTE_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "attention_block",
                 "vocab_chunks")
@@ -27,9 +27,15 @@ def family_of(hf: dict) -> ModuleType:
                           f"{', '.join(f.ARCHITECTURE for f in FAMILIES)}")
 
 
-def family_for(style: str) -> ModuleType:
-    """The family module that exports our model.style."""
-    return next(f for f in FAMILIES if f.STYLE == style)
+def family_for(m) -> ModuleType:
+    """The family module that exports our ModelConfig `m`."""
+    for family in FAMILIES:
+        if family.exports(m):
+            return family
+    raise ConversionError(f"no Hugging Face family holds a model.style={m.style} model with "
+                          f"model.qk_norm={str(m.qk_norm).lower()} and {m.moe.num_experts} "
+                          "experts (exported: Llama and GPT-2 without q/k norms, Mixtral: "
+                          "experts without q/k norms, Qwen3-MoE: experts with q/k norms)")
 
 
 def model_config(hf: dict, vocab_multiple: int = 128) -> dict:

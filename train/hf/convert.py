@@ -68,9 +68,11 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, user: Config, overrides: Sequence[str]
                               "tokenizer": "tokenizer.json" if has_tok else None}}
     write_export(out_dir, params, cfg, info, str(tokenizer) if has_tok else None)
     m = cfg.model
-    return (f"converted {family.ARCHITECTURE} ({m.num_layers} layers, d {m.d_model}, vocab "
-            f"{hf_cfg['vocab_size']:,} padded to {m.vocab_size:,}) from {hf_dir} to {out_dir} "
-            f"on mesh {sharding.describe(p.mesh)}")
+    experts = (f", {m.moe.num_experts} experts top-{m.moe.experts_per_token}"
+               if m.moe.enabled else "")
+    return (f"converted {family.ARCHITECTURE} ({m.num_layers} layers{experts}, d {m.d_model}, "
+            f"vocab {hf_cfg['vocab_size']:,} padded to {m.vocab_size:,}) from {hf_dir} to "
+            f"{out_dir} on mesh {sharding.describe(p.mesh)}")
 
 
 def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
@@ -82,7 +84,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
                               "another directory")
     loaded = load(ckpt, user, overrides, flag="CKPT_DIR")
     m, source = loaded.cfg.model, loaded.info.get("hf") or {}
-    family = family_for(m.style)
+    family = family_for(m)
     tok = None
     try:
         tok = find_tokenizer(loaded, tokenizer)
@@ -94,17 +96,17 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
     eos = source.get("eos_token_id", tok.eos_id if tok else None)
     eos = eos if eos is None or isinstance(eos, list) or eos < vocab else None  # not a token
     bos = source.get("bos_token_id")
+    hf_cfg = family.hf_config(m, vocab, eos, bos)  # refuses what the family cannot hold
     tensors = export_tensors(m, family, nnx.state(loaded.model, nnx.Param), vocab)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         files = write_safetensors(str(out), tensors)
-        (out / "config.json").write_text(json.dumps(family.hf_config(m, vocab, eos, bos),
-                                                    indent=1))
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=1))
         if tok is not None and tok.kind == "hf":
             shutil.copyfile(tok.path, out / "tokenizer.json")
     else:
         for _ in tensors:  # the gathers are collective: every process takes part
             pass
         files = []
-    return (f"wrote {hf_dir} ({m.style}, vocab {vocab:,}, {', '.join(files)}) from "
+    return (f"wrote {hf_dir} ({family.ARCHITECTURE}, vocab {vocab:,}, {', '.join(files)}) from "
             f"{loaded.where}")

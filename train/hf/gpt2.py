@@ -14,6 +14,11 @@ from train.hf.tensors import Mapping, same
 ARCHITECTURE, STYLE = "GPT2LMHeadModel", "gpt2"
 
 
+def exports(m) -> bool:
+    """Whether this family writes our ModelConfig `m`."""
+    return m.style == STYLE
+
+
 def model_config(hf: dict, vocab_size: int) -> dict:
     """Our model.* keys from an HF config.json (vocabulary padded to `vocab_size`)."""
     act = hf.get("activation_function", "gelu_new")

@@ -7,6 +7,11 @@ tensors from the safetensors files (memory-mapped) on the host. Export gathers o
 parameter at a time and writes safetensors shards that `transformers` loads. The
 vocabulary is padded to a multiple of 128 (zero rows, never generated) and unpadded on
 export.
+
+Our layers sit in two stacks: a mixture-of-experts model keeps its first dense layers
+in blocks/ and the rest in moe_blocks/ (a dense model: all in blocks/), so an HF name
+with {l} covers the layers of the stack its parameter is in; one with {e} is one
+expert's tensor, stacked over the experts.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from safetensors.numpy import save_file
 
 from train.errors import ConversionError
 
-# One entry per parameter of ours: (HF name, with {l} for the layer; to_ours(hf array,
-# model config) -> our layer array; to_hf(our layer array, model config) -> hf array, or
-# None when the family's joined_tensors writes it). Vocabulary padding is handled here,
-# on the "vocab" axis.
-Mapping = dict[str, tuple[str, Callable, Callable | None]]
+# One entry per parameter of ours: (HF name, with {l} for the layer and {e} for the
+# expert; to_ours(hf array, model config) -> our array of that layer (and expert);
+# to_hf(ours, model config) -> hf array, or None when the family's joined_tensors writes
+# it, or when the entry is for import only). A list of entries: the layouts a
+# parameter may come in, imported from the first one the checkpoint has, exported in the
+# first. Vocabulary padding is handled here, on the "vocab" axis.
+Entry = tuple[str, Callable, Callable | None]
+Mapping = dict[str, Entry | list[Entry]]
 VOCAB_AXIS = {"embedding": 0, "head": 1}  # where our vocabulary-sized parameters pad
 
 
@@ -65,6 +73,9 @@ class Tensors:
                 if key.startswith("transformer."):
                     self.where.setdefault(key[len("transformer."):], (h, key))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
     def get(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise ConversionError(f"the checkpoint has no tensor {name!r}")
@@ -82,13 +93,13 @@ def load_params(directory: str, m, table: Mapping, target, param_dtype) -> nnx.S
         name = "/".join(map(str, path))
         if name not in table:
             raise ConversionError(f"no Hugging Face tensor maps to our parameter {name}")
-        hf_name, to_ours, _ = table[name]
+        layers = _layers(name, m)
+        hf_name, to_ours, _ = _layout(tensors, table[name], layers)
         spec = var.get_value()
         if "{l}" in hf_name:
-            host = np.stack([to_ours(tensors.get(hf_name.format(l=i)), m)
-                             for i in range(m.num_layers)])
+            host = np.stack([_read(tensors, hf_name, to_ours, m, l=i) for i in layers])
         else:
-            host = to_ours(tensors.get(hf_name), m)
+            host = _read(tensors, hf_name, to_ours, m)
         if name in VOCAB_AXIS:
             host = _pad(host, VOCAB_AXIS[name], spec.shape[VOCAB_AXIS[name]])
         if host.shape != spec.shape:
@@ -99,6 +110,38 @@ def load_params(directory: str, m, table: Mapping, target, param_dtype) -> nnx.S
                                              lambda i, host=host: host[i])
         flat.append((path, var.replace(value)))
     return nnx.from_flat_state(flat)
+
+
+def _read(tensors: Tensors, hf_name: str, to_ours: Callable, m, **layer) -> np.ndarray:
+    """One HF tensor as ours, or with {e} in its name every expert's, stacked."""
+    if "{e}" in hf_name:
+        return np.stack([to_ours(tensors.get(hf_name.format(e=e, **layer)), m)
+                         for e in range(m.moe.num_experts)])
+    return to_ours(tensors.get(hf_name.format(**layer)), m)
+
+
+def _layers(name: str, m) -> range:
+    """The model layers our stacked parameter `name` holds: blocks/ the dense layers
+    first, moe_blocks/ the mixture-of-experts layers after them."""
+    dense = m.num_layers - m.moe_layers
+    return range(dense, m.num_layers) if name.startswith("moe_blocks/") else range(dense)
+
+
+def _entries(entry: Entry | list[Entry]) -> list[Entry]:
+    return entry if isinstance(entry, list) else [entry]
+
+
+def _layout(tensors: Tensors, entry: Entry | list[Entry], layers: range) -> Entry:
+    """The first of a parameter's layouts whose (first layer's, first expert's) tensor
+    the checkpoint holds; a single layout as it is (a missing tensor is named when read)."""
+    options = _entries(entry)
+    if len(options) == 1:
+        return options[0]
+    names = [hf_name.format(l=layers.start, e=0) for hf_name, _, _ in options]
+    for option, name in zip(options, names):
+        if name in tensors:
+            return option
+    raise ConversionError(f"the checkpoint has none of the tensors {', '.join(names)}")
 
 
 def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -127,15 +170,19 @@ def export_tensors(m, family, params, vocab_size: int) -> Iterator[tuple[str, np
     table = family.mapping(m)
     for path, _ in nnx.to_flat_state(params):
         name = "/".join(map(str, path))
-        hf_name, _, to_hf = table[name]
+        hf_name, _, to_hf = _entries(table[name])[0]
         if to_hf is None:
             continue
         x = gather(name)
         if "{l}" not in hf_name:
             yield hf_name, to_hf(x, m)
             continue
-        for i in range(m.num_layers):
-            yield hf_name.format(l=i), to_hf(x[i], m)
+        for i, layer in enumerate(_layers(name, m)):
+            if "{e}" not in hf_name:
+                yield hf_name.format(l=layer), to_hf(x[i], m)
+                continue
+            for e in range(x.shape[1]):
+                yield hf_name.format(l=layer, e=e), to_hf(x[i, e], m)
     yield from family.joined_tensors(m, gather)
 
 
