@@ -7,7 +7,10 @@
 #   /tmp/vmax/bin/pip install --no-deps -e .        # ours, into the same environment
 #   PY=/tmp/vmax/bin/python bash scripts/preflight_vs_maxtext.sh [repeats]
 #
-# CASES="7b" (or "8b") runs one case only; both by default.
+# CASES="7b" (or "8b", or "mixtral") runs one case only; 7b and 8b by default. mixtral is
+# MaxText's published Mixtral-8x7B recipe for v6e-256 (FSDP 256, 32 x 1024 per chip,
+# remat full, flash attention) against configs/mixtral-8x7b.yaml; each side takes
+# ~15 min on a 2-core machine.
 # TPU_LIBRARY_PATH=/path/to/libtpu.so selects another libtpu for both tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +18,11 @@ PY="${PY:-python}"
 REPEATS="${1:-1}"
 CASES="${CASES:-7b 8b}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ours() {  # case topology config batch
+ours() {  # case topology config batch [seq_len [rules]]
     "$PY" -m train.compile --config "configs/$3" --topology "$2" mesh.data=1 mesh.fsdp=-1 \
-        mesh.model=1 sharding.rules=fsdp "train.batch_size=$4" train.seq_len=2048 \
-        data.source=synthetic --json /tmp/preflight-ours.json >/dev/null 2>&1
+        mesh.model=1 "sharding.rules=${6:-fsdp}" "train.batch_size=$4" \
+        "train.seq_len=${5:-2048}" data.source=synthetic --json /tmp/preflight-ours.json \
+        >/dev/null 2>&1
     "$PY" - "$1" <<'PY'
 import json, sys
 r = json.load(open("/tmp/preflight-ours.json"))
@@ -45,5 +49,10 @@ for _ in $(seq "$REPEATS"); do
     if [[ " $CASES " == *" 8b "* ]]; then
         maxtext 8b/v5e-256 v5e-256 llama3.1-8b 2
         ours 8b/v5e-256 v5e-256 llama-8b.yaml 512
+    fi
+    if [[ " $CASES " == *" mixtral "* ]]; then
+        maxtext mixtral/v6e-256 v6e-256 mixtral-8x7b 32 max_target_length=1024 \
+            ici_fsdp_parallelism=-1 attention=flash
+        ours mixtral/v6e-256 v6e-256 mixtral-8x7b.yaml 8192 1024 fsdp_ep
     fi
 done
