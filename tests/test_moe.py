@@ -261,6 +261,7 @@ def test_expert_mesh_errors_name_the_keys(overrides, message, devices):
         plan(small_config(*MOE, "sharding.rules=fsdp_ep", *overrides))
 
 
+@ONCE
 def test_moe_run_logs_the_auxiliary_losses_and_expert_load(moe_run):
     rows = [json.loads(line) for line in (moe_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, MOE_STEPS + 1))
@@ -309,6 +310,7 @@ def test_moe_checkpoint_restores_onto_another_expert_mesh(tmp_path, devices):
         np.testing.assert_allclose(float(m_other[key]), float(m_same[key]), rtol=1e-4)
 
 
+@ONCE
 def test_megablox_kernel_equals_ragged_dot(devices):
     """The TPU grouped matmul (megablox, interpreted here) inside the expert-parallel
     layer on fsdp x expert x model: the same values and gradients as ragged_dot. Each
