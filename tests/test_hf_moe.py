@@ -63,9 +63,8 @@ def tensor_names(directory) -> set[str]:
         return set(f.keys())
 
 
-@pytest.mark.parametrize("kind", [
-    "mixtral", "qwen3-moe-dense-first",
-    pytest.param("qwen3-moe-renormalised-tied", marks=pytest.mark.once)])
+# the renormalised, tied Qwen3-MoE is checked against transformers in the layout test
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe-dense-first"])
 def test_import_matches_transformers(kind, tmp_path, devices):
     ref = randomized(MODELS[kind]())
     ref.save_pretrained(tmp_path / "hf")
