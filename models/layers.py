@@ -164,11 +164,11 @@ def attention_impl(cfg: ModelConfig, platform: str, length: int) -> str:
 
 
 def per_shard(constrain: Constrain, fn: Callable, args: Sequence[jax.Array],
-              logical_axes: Sequence[Sequence[str | None]], **kwargs) -> jax.Array:
+              logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
     """fn on each device's shard (the caller's mesh; see ActivationSharding.per_shard), or
     on the whole arrays when there is no mesh."""
     local = getattr(constrain, "per_shard", None)
-    return fn(*args) if local is None else local(fn, args, logical_axes, **kwargs)
+    return fn(*args) if local is None else local(fn, args, logical_axes)
 
 
 def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:

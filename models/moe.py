@@ -26,9 +26,6 @@ from jax.experimental.pallas.ops.tpu.megablox import gmm
 from models.config import ModelConfig
 from models.layers import Constrain, per_shard, swiglu_f32, swiglu_mlp
 
-# The per-layer sums the auxiliary losses and the load metric are made of.
-STAT_KEYS = ("counts_E", "probs_E", "z_sum", "tokens")
-
 
 def route(cfg: ModelConfig, w_router_DE: jax.Array, h_BTD: jax.Array, constrain: Constrain
           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -158,8 +155,7 @@ def moe_mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     out_BTD = per_shard(constrain, local,
                         [h_BTD, experts_BTk, weights_BTk, p["w_gate"], p["w_up"], p["w_out"]],
                         [tokens, tokens, tokens, ("experts", "expert_embed", "mlp"),
-                         ("experts", "expert_embed", "mlp"), ("experts", "mlp", "expert_embed")],
-                        check=matmul is jax.lax.ragged_dot)
+                         ("experts", "expert_embed", "mlp"), ("experts", "mlp", "expert_embed")])
     if cfg.moe.shared_experts:
         out_BTD = out_BTD + swiglu_mlp(h_BTD, p["shared_gate"], p["shared_up"],
                                        p["shared_out"], constrain)

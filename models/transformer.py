@@ -202,14 +202,18 @@ class Transformer(nnx.Module):
                                              dt, constrain, ("length", "embed"))
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
         stats_L: dict[str, jax.Array] = {}
-        for stack in (getattr(self, "blocks", None), getattr(self, "moe_blocks", None)):
-            if stack is not None:
-                x_BTD, cache, stats = stack(cfg, constrain, x_BTD, positions_BT,
-                                            segment_ids_BT, cache)
-                stats_L = stats_L or stats
+        for stack in self.stacks():
+            x_BTD, cache, stats = stack(cfg, constrain, x_BTD, positions_BT, segment_ids_BT,
+                                        cache)
+            stats_L = stats_L or stats
         bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
         x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
         return x_BTD, cache, stats_L
+
+    def stacks(self) -> list[StackedBlocks]:
+        """The layer stacks in order: the dense layers', then the MoE layers'."""
+        return [s for s in (getattr(self, "blocks", None), getattr(self, "moe_blocks", None))
+                if s is not None]
 
     def head_weight(self) -> jax.Array:
         """The output projection (D, V), logical axes ("embed", "vocab"), param dtype."""
@@ -284,13 +288,11 @@ def count_matmul_params(cfg: ModelConfig) -> int:
     scales and biases."""
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     total = cfg.d_model * cfg.vocab_size
-    for stack in (getattr(model, "blocks", None), getattr(model, "moe_blocks", None)):
-        if stack is not None:
-            stacked, axes = stack.stacked(), stack.layer_axes()
-            for k, v in stacked.items():
-                if "experts" in axes[k]:  # a token passes through k of the E experts
-                    total += math.prod(v.shape) * cfg.moe.experts_per_token \
-                        // cfg.moe.num_experts
-                elif "embed" in axes[k]:
-                    total += math.prod(v.shape)
+    for stack in model.stacks():
+        axes = stack.layer_axes()
+        for k, v in stack.stacked().items():
+            if "experts" in axes[k]:  # a token passes through k of the E experts
+                total += math.prod(v.shape) * cfg.moe.experts_per_token // cfg.moe.num_experts
+            elif "embed" in axes[k]:
+                total += math.prod(v.shape)
     return total

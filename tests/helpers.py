@@ -91,3 +91,50 @@ def torch_logits(model, ids):
     import torch
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
+
+
+def hf_tokens(vocab: int, batch=4, length=24, seed=1):
+    """Random token ids (batch, length) below `vocab`."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+def hf_round_trip(ref, tmp_path, user, overrides, padded_vocab: int, new_tokens: int):
+    """A `transformers` model saved, imported (train.hf.convert) and exported again,
+    checked on the way: our logits equal its logits (1e-4, fp32) with zero padding
+    columns up to `padded_vocab`, greedy continuations are the same `new_tokens`, and
+    the export loads in transformers as the same class, with the unpadded vocabulary and
+    the same logits (1e-6). Returns our loaded model and the export's config.json."""
+    import json
+
+    import numpy as np
+    import torch
+    import transformers
+
+    from train.hf.convert import ckpt_to_hf, hf_to_ckpt
+    from train.inference import Generator, load
+    vocab = ref.config.vocab_size
+    ref.save_pretrained(tmp_path / "hf")
+    hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "ours"), user, overrides)
+    loaded = load(str(tmp_path / "ours"), user, overrides)
+
+    ids = hf_tokens(vocab)
+    ours = np.asarray(loaded.model(ids))
+    assert ours.shape[-1] == padded_vocab and not ours[..., vocab:].any()  # zero padding rows
+    np.testing.assert_allclose(ours[..., :vocab], torch_logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+    prompt = hf_tokens(vocab, 1, 8, seed=2)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 8:].tolist()
+    gen = Generator(loaded.model, loaded.mesh, loaded.rules, eos_id=vocab, vocab_limit=vocab)
+    assert gen.generate([prompt[0].tolist()], new_tokens).tokens[0] == want
+
+    ckpt_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"), user, overrides, None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back) is type(ref)
+    saved = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert saved["vocab_size"] == vocab
+    np.testing.assert_allclose(torch_logits(back, ids), torch_logits(ref, ids),
+                               rtol=1e-6, atol=1e-6)
+    return loaded, saved

@@ -20,10 +20,18 @@ from safetensors import safe_open  # noqa: E402
 from models.config import ModelConfig, MoeConfig  # noqa: E402
 from train.errors import ConversionError  # noqa: E402
 from train.hf import family_for, model_config  # noqa: E402
-from train.hf.convert import ckpt_to_hf, hf_to_ckpt  # noqa: E402
-from train.inference import Generator, load  # noqa: E402
+from train.hf.convert import hf_to_ckpt  # noqa: E402
+from train.inference import load  # noqa: E402
 
-from helpers import padded_spec, randomized, run_cli, small_config, torch_logits  # noqa: E402
+from helpers import (  # noqa: E402
+    hf_round_trip,
+    hf_tokens,
+    padded_spec,
+    randomized,
+    run_cli,
+    small_config,
+    torch_logits,
+)
 
 VOCAB = 300  # padded to 384 on import
 MESH = ["mesh.fsdp=2", "mesh.expert=2", "mesh.model=2", "sharding.rules=fsdp_tp_ep"]
@@ -54,10 +62,6 @@ MODELS = {
 }
 
 
-def tokens(batch=4, length=24, seed=1):
-    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
-
-
 def tensor_names(directory) -> set[str]:
     with safe_open(str(directory / "model.safetensors"), framework="np") as f:
         return set(f.keys())
@@ -66,38 +70,17 @@ def tensor_names(directory) -> set[str]:
 # the renormalised, tied Qwen3-MoE is checked against transformers in the layout test
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe-dense-first"])
 def test_import_matches_transformers(kind, tmp_path, devices):
+    """Also: the experts are split over the expert axis, and the export is in the Hub
+    layout (one tensor per expert, as save_pretrained writes)."""
     ref = randomized(MODELS[kind]())
-    ref.save_pretrained(tmp_path / "hf")
-    user = small_config(*MESH)
-    hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "ours"), user, FP32)
-    loaded = load(str(tmp_path / "ours"), user, FP32)
+    loaded, saved = hf_round_trip(ref, tmp_path, small_config(*MESH), FP32, 384, 16)
     m = loaded.cfg.model
     assert m.moe.num_experts == 8 and m.moe.aux_loss_coef == ref.config.router_aux_loss_coef
     assert m.moe.first_dense_layers == (kind == "qwen3-moe-dense-first")
     w_gate = loaded.model.moe_blocks.w_gate.get_value()
     assert padded_spec(w_gate) == (None, "expert", "fsdp", "model")  # (L, E, D, Fe)
-
-    ids = tokens()
-    ours = np.asarray(loaded.model(ids))
-    assert ours.shape[-1] == 384 and not ours[..., VOCAB:].any()  # zero padding rows
-    np.testing.assert_allclose(ours[..., :VOCAB], torch_logits(ref, ids), rtol=1e-4, atol=1e-4)
-
-    prompt = tokens(1, 8, seed=2)
-    with torch.no_grad():
-        want = ref.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[0, 8:].tolist()
-    gen = Generator(loaded.model, loaded.mesh, loaded.rules, eos_id=VOCAB, vocab_limit=VOCAB)
-    assert gen.generate([prompt[0].tolist()], 16).tokens[0] == want
-
-    # ... and back, in the Hub layout (one tensor per expert, as save_pretrained writes)
-    ckpt_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"), user, FP32, None)
     assert tensor_names(tmp_path / "back") == tensor_names(tmp_path / "hf")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    assert type(back) is type(ref)
-    saved = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert saved["vocab_size"] == VOCAB and saved["router_aux_loss_coef"] == m.moe.aux_loss_coef
-    np.testing.assert_allclose(torch_logits(back, ids), torch_logits(ref, ids),
-                               rtol=1e-6, atol=1e-6)
+    assert saved["router_aux_loss_coef"] == m.moe.aux_loss_coef
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe-renormalised-tied"])
@@ -119,7 +102,7 @@ def test_fused_layout_imports_as_the_hub_layout(kind, tmp_path, devices):
     assert params["hub"].keys() == params["fused"].keys()
     for name, hub in params["hub"].items():
         np.testing.assert_array_equal(params["fused"][name], hub, err_msg=name)
-    ids = tokens(8, 16)  # the batch splits 8 ways
+    ids = hf_tokens(VOCAB, 8, 16)  # the batch splits 8 ways
     np.testing.assert_allclose(np.asarray(loaded.model(ids))[..., :VOCAB],
                                torch_logits(ref, ids), rtol=1e-4, atol=1e-4)
 

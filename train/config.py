@@ -65,7 +65,7 @@ class MeshConfig:
     def check(self) -> None:
         """Axis sizes are checked against the devices when the mesh is built."""
         _positive("mesh", self, *(f"dcn_{a}" for a in MESH_AXES))
-        if self.context not in (1,):
+        if self.context != 1:
             raise ConfigError(f"mesh.context={self.context}: context parallelism is not "
                               "implemented yet; set mesh.context=1 (shard long sequences "
                               "with mesh.fsdp and remat meanwhile)")

@@ -6,6 +6,7 @@ and the layout tool all start from `plan(cfg)`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -86,9 +87,7 @@ def check_experts(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
                           f"{cfg.sharding.rules!r} splits nothing over it; use the "
                           "fsdp_ep or fsdp_tp_ep rules, or set mesh.expert=1")
     moe = cfg.model.moe
-    ways = 1
-    for axis in rules["experts"]:
-        ways *= mesh.shape[axis]
+    ways = math.prod(mesh.shape[a] for a in rules["experts"])
     if moe.enabled and moe.num_experts % ways:
         axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in rules["experts"])
         raise ConfigError(f"model.moe.num_experts={moe.num_experts} does not divide by the "
