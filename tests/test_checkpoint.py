@@ -2,6 +2,7 @@
 chosen moments), compared bit for bit with an uninterrupted run."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -204,7 +205,9 @@ def test_sigterm_during_start_up_says_so_and_lr_0_warns(tmp_path):
     text = first + proc.communicate(timeout=60)[0]
     assert "optimizer.lr=0: the parameters will not change" in first, text[-3000:]
     assert proc.returncode == 143, text[-3000:]
-    assert text.strip().splitlines()[-1] == (
+    # a background error before the signal (Orbax's, TensorStore's) adds where it went
+    assert re.fullmatch(re.escape(
         "error: stopped by SIGTERM before training began: nothing new was saved; rerun the "
-        "same command to start"), text[-3000:]
+        "same command to start") + r"(; details in /tmp/shardlm-\d+\.log)?",
+        text.strip().splitlines()[-1]), text[-3000:]
     assert "Traceback" not in text

@@ -89,3 +89,36 @@ def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_details_file_left_by_an_earlier_process_with_our_pid_is_not_ours():
+    """Process ids are reused: a /tmp/shardlm-<pid>.log from a finished process must not
+    make this process's error line point at it."""
+    code = ("import os, tempfile\n"
+            "path = os.path.join(tempfile.gettempdir(), f'shardlm-{os.getpid()}.log')\n"
+            "open(path, 'w').write('an earlier process')\n"
+            "from train import startup\n"
+            "print(repr(startup.details()), os.path.exists(path))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["''", "False"]
+
+
+def test_sigterm_is_not_swallowed_by_a_librarys_except_exception():
+    """The start-up SIGTERM handler's error is no Exception: JAX's or Orbax's `except
+    Exception` around the code it interrupts cannot swallow it (the run would go on)."""
+    code = ("import os, signal, time\n"
+            "from train import cli, errors\n"
+            "signal.signal(signal.SIGTERM, lambda *a: cli._terminated('stopped', *a))\n"
+            "try:\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(5)\n"
+            "    except Exception:\n"
+            "        print('swallowed')\n"
+            "except errors.Terminated as e:\n"
+            "    print('terminated', errors.exit_code(e))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["terminated", "143"], proc.stdout + proc.stderr[-2000:]

@@ -61,7 +61,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED)
-    except Exception as e:
+    except (Exception, errors.Terminated) as e:
         code = errors.exit_code(e)
         if code is None:
             raise  # a bug: keep the traceback

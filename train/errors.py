@@ -99,16 +99,18 @@ class Preempted(ShardlmError):
     exit_code = PREEMPTED
 
 
-class Terminated(ShardlmError):
+class Terminated(BaseException):
     """SIGTERM before training began (start-up, compiling) or during a tool: nothing was
-    saved."""
+    saved. Raised by the signal handler wherever the main thread is, so, like
+    KeyboardInterrupt, it is no Exception: a library's `except Exception` around the
+    code it interrupts (JAX's and Orbax's have some) must not swallow it."""
 
     exit_code = PREEMPTED
 
 
 def exit_code(error: BaseException) -> int | None:
     """The table's exit code for `error`, or None for an error that is a bug."""
-    if isinstance(error, ShardlmError):
+    if isinstance(error, (ShardlmError, Terminated)):
         return error.exit_code
     if isinstance(error, ShardingError):
         return USAGE

@@ -32,6 +32,7 @@ pre-flights do not collide on libtpu's lockfile.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import logging
@@ -142,8 +143,12 @@ def start_processes(cfg: Config) -> str | None:
 
 
 # Where background threads' tracebacks and Orbax's error logs go (SHARDLM_DEBUG=1:
-# the console instead), created only when there is something to write.
+# the console instead), created only when there is something to write. Process ids are
+# reused: a file of this name already there is an earlier, finished process's, and
+# would make `details()` point at errors this process never had.
 DETAILS = os.path.join(tempfile.gettempdir(), f"shardlm-{os.getpid()}.log")
+with contextlib.suppress(FileNotFoundError):
+    os.remove(DETAILS)
 
 
 def background_errors_to_file() -> None:
