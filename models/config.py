@@ -24,6 +24,12 @@ class MoeConfig:
     # is grouped too; XLA's ragged_dot gradient is computed densely per expert there),
     # jax.lax.ragged_dot elsewhere; megablox off TPUs runs interpreted (tests only).
     kernel: Literal["auto", "ragged_dot", "megablox"] = "auto"
+    # Run the experts over the sorted (token, expert) rows in this many chunks, forward
+    # and backward (models/experts.py): a layer's expert transients (gate, up and their
+    # gradients, rows x expert width) shrink by this factor; the backward pass
+    # recomputes the experts' outputs, which under remat=full replaces remat's own
+    # recomputation. 1: all rows at once.
+    row_chunks: int = 1
     aux_loss_coef: float = 0.0  # Mixtral's load-balancing loss (transformers' form)
     router_z_loss_coef: float = 0.0  # mean over tokens of logsumexp(router logits)^2
 
@@ -133,6 +139,9 @@ class ModelConfig:
         if not 0 <= m.first_dense_layers < self.num_layers:
             raise ValueError(f"model.moe.first_dense_layers={m.first_dense_layers} must be "
                              f"in [0, model.num_layers={self.num_layers})")
+        if m.row_chunks < 1:
+            raise ValueError(f"model.moe.row_chunks must be >= 1 (1: no chunks), got "
+                             f"{m.row_chunks}")
         for key in ("shared_experts", "aux_loss_coef", "router_z_loss_coef"):
             if getattr(m, key) < 0:
                 raise ValueError(f"model.moe.{key} must be >= 0, got {getattr(m, key)}")

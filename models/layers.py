@@ -254,7 +254,12 @@ def _swiglu_fwd(gate_BTF, up_BTF):
 
 
 def _swiglu_bwd(res, d_BTF):
-    gate_BTF, up_BTF = res
+    return swiglu_f32_grads(*res, d_BTF)
+
+
+def swiglu_f32_grads(gate_BTF: jax.Array, up_BTF: jax.Array, d_BTF: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """swiglu_f32's gradients (gate, up) for the output gradient d_BTF."""
     g, u, d = (x.astype(jnp.float32) for x in (gate_BTF, up_BTF, d_BTF))
     sig = jax.nn.sigmoid(g)
     d_gate = d * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig + g sig (1 - sig)

@@ -1,6 +1,7 @@
 """Mixture-of-experts MLP: a softmax router picks each token's top-k experts; every
 routed token is computed (dropless): the (token, expert) pairs are sorted by expert and
-run through a grouped matmul (`jax.lax.ragged_dot`, or on TPUs the megablox kernel).
+run through the experts' grouped matmuls (models/experts.py: `jax.lax.ragged_dot`, or on
+TPUs the megablox kernels), each row scaled there by its routing weight.
 
 With experts split over mesh axes (expert parallelism), each device sorts its own
 tokens by the device holding their expert and exchanges them with an all-to-all. The
@@ -17,14 +18,14 @@ n tokens of one device (B T there), m = n k (token, expert) pairs, s peers.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.megablox import gmm
 
 from models.config import ModelConfig
-from models.layers import Constrain, per_shard, swiglu_f32, swiglu_mlp
+from models.experts import GroupedOps, grouped_ops, swiglu_rows
+from models.layers import Constrain, per_shard, swiglu_mlp
 
 
 def route(cfg: ModelConfig, w_router_DE: jax.Array, h_BTD: jax.Array, constrain: Constrain
@@ -50,37 +51,6 @@ def route(cfg: ModelConfig, w_router_DE: jax.Array, h_BTD: jax.Array, constrain:
     return weights_BTk, experts_BTk, stats
 
 
-def grouped_matmul(kernel: str, platform: str) -> Callable:
-    """(x_mK, w_GKN, sizes_G) -> (m, N): rows of group g times w[g], in x's dtype; rows
-    past the groups give 0. `kernel` as model.moe.kernel."""
-    if kernel == "auto":
-        kernel = "megablox" if platform == "tpu" else "ragged_dot"
-    if kernel == "ragged_dot":
-        return jax.lax.ragged_dot
-
-    def megablox(x_mK, w_GKN, sizes_G):
-        (_, K, N), tiles = w_GKN.shape, (128, 128, 128)
-        if K % 128 or N % 128:  # the kernel's tiles must divide the matrices
-            return jax.lax.ragged_dot(x_mK, w_GKN, sizes_G)
-        # rows padded to whole tiles; the kernel leaves rows past the groups (and their
-        # gradients) unwritten
-        m = x_mK.shape[0]
-        x_pK = jnp.pad(x_mK, ((0, -m % tiles[0]), (0, 0)))
-        inside_p1 = (jnp.arange(x_pK.shape[0]) < jnp.sum(sizes_G))[:, None]
-        x_pK = jnp.where(inside_p1, x_pK, 0)
-        out_pN = gmm(x_pK, w_GKN, sizes_G, x_mK.dtype, tiles, interpret=platform != "tpu")
-        return jnp.where(inside_p1, out_pN, 0)[:m]
-
-    return megablox
-
-
-def _grouped_swiglu(matmul, x_mD, sizes_G, w_gate_GDF, w_up_GDF, w_out_GFD) -> jax.Array:
-    """Each group's rows through its own SwiGLU expert; rows past the groups give 0."""
-    gate_mF = matmul(x_mD, w_gate_GDF, sizes_G)
-    up_mF = matmul(x_mD, w_up_GDF, sizes_G)
-    return matmul(swiglu_f32(gate_mF, up_mF), w_out_GFD, sizes_G)
-
-
 def _count(ids_m: jax.Array, size: int) -> jax.Array:
     """How many of ids_m fall on each of 0..size-1 (others ignored), int32 (size,)."""
     return jnp.zeros((size,), jnp.int32).at[ids_m].add(1, mode="drop")
@@ -89,7 +59,7 @@ def _count(ids_m: jax.Array, size: int) -> jax.Array:
 def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_EFD, *,
                    num_experts: int, expert_axes: tuple[str, ...],
                    model_axes: tuple[str, ...], fsdp_axes: tuple[str, ...],
-                   matmul: Callable) -> jax.Array:
+                   kernel: str, platform: str, row_chunks: int) -> jax.Array:
     """The routed experts' weighted sum for one device's tokens (B, T, D), holding
     experts [j E/s, (j+1) E/s) of the weights (and, with model_axes, a slice of F; with
     fsdp_axes, a slice of D, gathered here: the gradient is then reduce-scattered
@@ -107,10 +77,13 @@ def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_
     order_m = jnp.argsort(expert_m, stable=True)  # pairs sorted by expert
     expert_sorted_m = expert_m[order_m]
     x_sorted_mD = x_nD[order_m // k]
+    w_sorted_m = weights_BTk.reshape(-1)[order_m]  # each pair's routing weight, fp32
     weights = (w_gate_EDF, w_up_EDF, w_out_EFD)
-    swiglu = functools.partial(_grouped_swiglu, matmul)
+    ops: GroupedOps = grouped_ops(kernel, platform, *w_gate_EDF.shape[1:])
+    swiglu = functools.partial(swiglu_rows, ops, row_chunks)  # the rows come weighted
     if peers == 1:
-        y_sorted_mD = swiglu(x_sorted_mD, _count(expert_sorted_m, E_here), *weights)
+        y_sorted_mD = swiglu(x_sorted_mD, _count(expert_sorted_m, E_here), w_sorted_m,
+                             *weights)
     else:
         m = expert_m.shape[0]
         # the peer holding each pair's expert, and the pair's row in the buffer to it
@@ -118,22 +91,28 @@ def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_
         sent_s = _count(peer_m, peers)
         starts_s = jnp.cumsum(sent_s) - sent_s
         row_m = jnp.arange(m) - starts_s[peer_m]
-        send_smD = jnp.zeros((peers, m, D), x_BTD.dtype).at[peer_m, row_m].set(x_sorted_mD)
-        # the expert of each row as its holder numbers them; E_here marks padding
-        send_sm = jnp.full((peers, m), E_here, jnp.int32).at[peer_m, row_m].set(
-            expert_sorted_m % E_here)
+
+        def send(fill, a_m):
+            return jnp.full((peers, m, *a_m.shape[1:]), fill, a_m.dtype).at[
+                peer_m, row_m].set(a_m)
+
         a2a = functools.partial(jax.lax.all_to_all, axis_name=expert_axes, split_axis=0,
                                 concat_axis=0, tiled=True)
-        got_rD, got_r = a2a(send_smD).reshape(peers * m, D), a2a(send_sm).reshape(-1)
+        # rows, their routing weights, and their experts as the holder numbers them
+        # (E_here marks padding)
+        got_rD = a2a(send(0, x_sorted_mD)).reshape(peers * m, D)
+        got_w_r = a2a(send(0, w_sorted_m)).reshape(-1)
+        got_r = a2a(send(E_here, expert_sorted_m % E_here)).reshape(-1)
         by_expert_r = jnp.argsort(got_r, stable=True)  # padding (E_here) last
-        y_rD = swiglu(got_rD[by_expert_r], _count(got_r, E_here), *weights)
+        y_rD = swiglu(got_rD[by_expert_r], _count(got_r, E_here), got_w_r[by_expert_r],
+                      *weights)
         y_rD = y_rD[jnp.argsort(by_expert_r)]  # back to the order received
         back_smD = a2a(y_rD.reshape(peers, m, D))
         y_sorted_mD = back_smD[peer_m, row_m]
-    # back to token order by a gather (the inverse permutation), cheaper than a scatter
+    # back to token order by a gather (the inverse permutation), cheaper than a scatter,
+    # and each token's k weighted rows summed
     y_nkD = y_sorted_mD[jnp.argsort(order_m)].reshape(B * T, k, D)
-    out_nD = jnp.einsum("nk,nkd->nd", weights_BTk.reshape(B * T, k).astype(y_nkD.dtype),
-                        y_nkD, preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+    out_nD = jnp.sum(y_nkD, axis=1, dtype=jnp.float32).astype(x_BTD.dtype)
     if model_axes:  # each device summed over its slice of the experts' width
         out_nD = jax.lax.psum(out_nD, model_axes)
     return out_nD.reshape(B, T, D)
@@ -147,10 +126,10 @@ def moe_mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
     weights_BTk, experts_BTk, stats = route(cfg, p["router"], h_BTD, constrain)
     axes_of = getattr(constrain, "mesh_axes", lambda name: ())
     platform = getattr(constrain, "platform", jax.default_backend())
-    matmul = grouped_matmul(cfg.moe.kernel, platform)
     local = functools.partial(_experts_local, num_experts=cfg.moe.num_experts,
                               expert_axes=axes_of("experts"), model_axes=axes_of("mlp"),
-                              fsdp_axes=axes_of("expert_embed"), matmul=matmul)
+                              fsdp_axes=axes_of("expert_embed"), kernel=cfg.moe.kernel,
+                              platform=platform, row_chunks=cfg.moe.row_chunks)
     tokens = ("batch", "act_length", None)
     out_BTD = per_shard(constrain, local,
                         [h_BTD, experts_BTk, weights_BTk, p["w_gate"], p["w_up"], p["w_out"]],

@@ -45,6 +45,7 @@ def test_tiny_run_writes_metrics_with_falling_loss(tmp_path):
     assert matplotlib.image.imread(out / "loss.png").shape[:2] == (480, 840)
 
 
+@pytest.mark.once  # a whole CLI run: the tiny run above is the second Python's
 def test_no_config_means_default_yaml_and_relative_paths_work(tmp_path):
     """As the quick start runs it, from another working directory: no --config is
     configs/default.yaml (data parallel over the devices), the run goes to runs/<name>

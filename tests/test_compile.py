@@ -132,11 +132,12 @@ def test_moe_report_counts_the_expert_all_to_all(tmp_path):
     """tiny-moe (fp32, no remat) on fsdp=2 x expert=4: per MoE layer and chip, the padded
     dispatch sends each of the 4 peers a buffer for all its m = b T k (token, expert)
     pairs (b = B / 8 sequences): the tokens there and the results back (4 m D fp32 each,
-    twice again in the backward pass) and the experts' ids (4 m int32, forward only)."""
+    twice again in the backward pass), their routing weights (4 m fp32, and their
+    gradients back) and the experts' ids (4 m int32, forward only)."""
     r, text = report(tmp_path, "--config", "configs/tiny-moe.yaml", "mesh.fsdp=2",
                      "mesh.expert=4", "model.remat=none")
     layers, d, peers, m = 4, 128, 4, (16 // 8) * 128 * 2
-    expected = layers * (4 * peers * m * d * 4 + peers * m * 4)
+    expected = layers * (4 * peers * m * d * 4 + 3 * peers * m * 4)
     assert total(r, "all-to-all", "expert") == pytest.approx(expected, rel=0.01)
     assert "all-to-all          over expert" in text and "mesh data=1, fsdp=2, expert=4" in text
 
