@@ -56,6 +56,31 @@ def _count(ids_m: jax.Array, size: int) -> jax.Array:
     return jnp.zeros((size,), jnp.int32).at[ids_m].add(1, mode="drop")
 
 
+# The (token, expert) pairs' rows and back: `spread` takes each token's row k times in
+# sorted order, `collect` sums each token's k rows; each is the other's gradient, so both
+# directions are gathers (a gather's own transpose is a scatter-add: slow on TPUs).
+# order_m sorts the pairs (pair p = token p // k), unorder_m = argsort(order_m).
+
+def _spread(x_nX: jax.Array, order_m: jax.Array, unorder_m: jax.Array, k: int) -> jax.Array:
+    return x_nX[order_m // k]  # (m, X): sorted pair j is token order_m[j] // k's row
+
+
+def _collect(y_mX: jax.Array, order_m: jax.Array, unorder_m: jax.Array, k: int) -> jax.Array:
+    if k == 1:
+        return y_mX[unorder_m]
+    unorder_nk = unorder_m.reshape(-1, k)  # where each token's k pairs sit; summed in
+    # fp32 one gather at a time, so no (m, X) copy is held
+    return sum(y_mX[unorder_nk[:, i]].astype(jnp.float32) for i in range(k)).astype(y_mX.dtype)
+
+
+spread = jax.custom_vjp(_spread, nondiff_argnums=(3,))
+collect = jax.custom_vjp(_collect, nondiff_argnums=(3,))
+spread.defvjp(lambda x, o, u, k: (_spread(x, o, u, k), (o, u)),
+              lambda k, ou, dy: (collect(dy, *ou, k), None, None))
+collect.defvjp(lambda y, o, u, k: (_collect(y, o, u, k), (o, u)),
+               lambda k, ou, dx: (spread(dx, *ou, k), None, None))
+
+
 def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_EFD, *,
                    num_experts: int, expert_axes: tuple[str, ...],
                    model_axes: tuple[str, ...], fsdp_axes: tuple[str, ...],
@@ -75,9 +100,11 @@ def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_
     x_nD = x_BTD.reshape(B * T, D)
     expert_m = experts_BTk.reshape(-1)
     order_m = jnp.argsort(expert_m, stable=True)  # pairs sorted by expert
+    unorder_m = jnp.argsort(order_m)  # and back
     expert_sorted_m = expert_m[order_m]
-    x_sorted_mD = x_nD[order_m // k]
-    w_sorted_m = weights_BTk.reshape(-1)[order_m]  # each pair's routing weight, fp32
+    x_sorted_mD = spread(x_nD, order_m, unorder_m, k)
+    # each pair's routing weight, fp32
+    w_sorted_m = spread(weights_BTk.reshape(-1), order_m, unorder_m, 1)
     weights = (w_gate_EDF, w_up_EDF, w_out_EFD)
     ops: GroupedOps = grouped_ops(kernel, platform, *w_gate_EDF.shape[1:])
     swiglu = functools.partial(swiglu_rows, ops, row_chunks)  # the rows come weighted
@@ -104,15 +131,13 @@ def _experts_local(x_BTD, experts_BTk, weights_BTk, w_gate_EDF, w_up_EDF, w_out_
         got_w_r = a2a(send(0, w_sorted_m)).reshape(-1)
         got_r = a2a(send(E_here, expert_sorted_m % E_here)).reshape(-1)
         by_expert_r = jnp.argsort(got_r, stable=True)  # padding (E_here) last
-        y_rD = swiglu(got_rD[by_expert_r], _count(got_r, E_here), got_w_r[by_expert_r],
-                      *weights)
-        y_rD = y_rD[jnp.argsort(by_expert_r)]  # back to the order received
+        received_r = jnp.argsort(by_expert_r)
+        y_rD = swiglu(spread(got_rD, by_expert_r, received_r, 1), _count(got_r, E_here),
+                      spread(got_w_r, by_expert_r, received_r, 1), *weights)
+        y_rD = collect(y_rD, by_expert_r, received_r, 1)  # back to the order received
         back_smD = a2a(y_rD.reshape(peers, m, D))
         y_sorted_mD = back_smD[peer_m, row_m]
-    # back to token order by a gather (the inverse permutation), cheaper than a scatter,
-    # and each token's k weighted rows summed
-    y_nkD = y_sorted_mD[jnp.argsort(order_m)].reshape(B * T, k, D)
-    out_nD = jnp.sum(y_nkD, axis=1, dtype=jnp.float32).astype(x_BTD.dtype)
+    out_nD = collect(y_sorted_mD, order_m, unorder_m, k)  # each token's k weighted rows
     if model_axes:  # each device summed over its slice of the experts' width
         out_nD = jax.lax.psum(out_nD, model_axes)
     return out_nD.reshape(B, T, D)

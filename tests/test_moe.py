@@ -268,6 +268,37 @@ def test_row_chunks_equal_one_pass(chunks):
                                    atol=1e-6 * float(jnp.abs(b).max()))
 
 
+
+def _loss(fn, a):  # a loss with a non-zero second derivative
+    y = fn(a)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape))
+
+
+def _grad_and_second(fn, a):  # the gradient, and the gradient of its squared norm
+    grad = jax.grad(functools.partial(_loss, fn))
+    return grad(a), jax.grad(lambda a: jnp.sum(grad(a) ** 2))(a)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_spread_and_collect_equal_plain_indexing(k):
+    """The pairs' rows and back by gathers in both directions (each op's gradient is the
+    other) equal plain indexing and its autodiff (a scatter-add): values, gradients,
+    and gradients of the gradients."""
+    n, X = 6, 4
+    order_m = jax.random.permutation(jax.random.key(3), n * k)
+    unorder_m = jnp.argsort(order_m)
+    cases = [
+        (lambda x: moe.spread(x, order_m, unorder_m, k), lambda x: x[order_m // k],
+         jax.random.normal(jax.random.key(4), (n, X))),
+        (lambda y: moe.collect(y, order_m, unorder_m, k),
+         lambda y: y[unorder_m].reshape(n, k, X).sum(1),
+         jax.random.normal(jax.random.key(5), (n * k, X)))]
+    for ours, ref, a in cases:
+        np.testing.assert_allclose(ours(a), ref(a), rtol=1e-6)
+        for got, want in zip(_grad_and_second(ours, a), _grad_and_second(ref, a)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.moe.experts_per_token=9"],
      "model.moe.experts_per_token=9 must be between 1 and model.moe.num_experts=8"),
