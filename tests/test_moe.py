@@ -268,7 +268,6 @@ def test_row_chunks_equal_one_pass(chunks):
                                    atol=1e-6 * float(jnp.abs(b).max()))
 
 
-
 def _loss(fn, a):  # a loss with a non-zero second derivative
     y = fn(a)
     return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape))
