@@ -11,11 +11,13 @@ else touches a JAX backend.
 - Automatic: on a multi-host Cloud TPU VM or a Slurm job with several tasks, JAX finds
   the coordinator and the process ids itself.
 
-Short timeouts: a peer that never starts, or dies mid-run, stops the others (JAX aborts
-them) within the heartbeat timeout instead of JAX's default 100 s. Before JAX's own
-abort (a fatal error and a C++ stack), each process says in one line what happened:
-`Joining` exits a moment before the start-up deadline naming who did not join, and
-`lost_peer` reads a collective that failed because a peer went away.
+Short timeouts: a peer that never starts, or a host that vanishes mid-run, stops the
+others (JAX aborts them) within the heartbeat timeout instead of JAX's default 100 s.
+Before JAX's own abort (a fatal error and a C++ stack), each process says in one line
+what happened: `Joining` exits a moment before the start-up deadline naming who did not
+join, the lifeline (sharding/lifeline.py) names a process that died the moment its
+connection closes, and `lost_peer` reads a collective that failed because a peer went
+away. `on_peer_lost` adds the caller's advice (how a rerun resumes) to those lines.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ import os
 import signal
 import sys
 import threading
+import time
+from typing import Callable
 
 import jax
+import jax._src.distributed as jax_distributed
 
+from sharding import lifeline
 from sharding.errors import ShardingError
 
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -108,12 +114,30 @@ def initialize(mode: str, cluster: Cluster, *, init_timeout_s: int, heartbeat_ti
                                        cluster.process_id,
                                        coordinator_bind_address=cluster.coordinator,
                                        **timeouts)
+        _start_lifeline(init_timeout_s)
         return (f"process {cluster.process_id} of {cluster.num_processes}, coordinator "
                 f"{cluster.coordinator}")
     with Joining(cluster, init_timeout_s):
         jax.distributed.initialize(**timeouts)
+    _start_lifeline(init_timeout_s)
     return (f"{found or 'cluster'}: process {jax.process_index()} of "
             f"{jax.process_count()}")
+
+
+def _start_lifeline(timeout_s: float) -> None:
+    state = jax_distributed.global_state
+    me, n = state.process_id, state.num_processes
+    host = state.coordinator_address.rsplit(":", 1)[0].strip("[]")
+
+    def lost(who: int, cause: str) -> None:
+        if not _reporting.acquire(blocking=False):
+            return  # the main thread is saying it already
+        print(f"error: {_line(me, n, f'process {who} of {n}', cause)}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    lifeline.start(state.client, me, n, host, timeout_s, lost)
 
 
 class Joining:
@@ -164,6 +188,22 @@ _PEER_GONE = ("Gloo", "Connection closed by peer", "Connection reset by peer", "
               "heartbeat", "UNAVAILABLE")
 
 
+_advice: Callable[[], str] | None = None  # on_peer_lost's
+_reporting = threading.Lock()  # one line per process, from whichever thread sees it first
+
+
+def on_peer_lost(advice: Callable[[], str] | None) -> None:
+    """`advice()` ends the line said when a peer is lost (how rerunning resumes)."""
+    global _advice
+    _advice = advice
+
+
+def _line(me: int, n: int, peer: str, cause: str) -> str:
+    where = f"; coordinator {_coordinator}" if _coordinator else ""
+    advice = f"; {_advice()}" if _advice is not None else ""
+    return f"process {me} of {n}: {peer} died or stopped answering ({cause}){where}{advice}"
+
+
 def lost_peer(error: BaseException) -> str | None:
     """For an error of a collective that a peer process's death made fail, what to
     say ("process 1 of 2 stopped answering ..."); None for any other error."""
@@ -172,8 +212,8 @@ def lost_peer(error: BaseException) -> str | None:
     text = str(error)
     if not any(marker in text for marker in _PEER_GONE):
         return None
+    if not _reporting.acquire(blocking=False):
+        time.sleep(60)  # the lifeline is saying it and ending the process
     me, n = jax.process_index(), jax.process_count()
     peer = f"process {1 - me} of 2" if n == 2 else "a peer process"
-    first = text.strip().splitlines()[0][:200]
-    where = f"; coordinator {_coordinator}" if _coordinator else ""
-    return f"process {me} of {n}: {peer} died or stopped answering ({first}){where}"
+    return _line(me, n, peer, text.strip().splitlines()[0][:200])

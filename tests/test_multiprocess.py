@@ -84,8 +84,11 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(reference, 
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def test_a_killed_peer_stops_the_other_within_30_s_with_one_line(tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("killed", [1, 0], ids=["worker", "coordinator"])
+def test_a_killed_peer_stops_the_other_within_30_s_with_one_line(tmp_path, killed):
+    """Wherever the survivor is blocked (a collective, a barrier, a new collective group's
+    rendezvous), the lifeline names the dead process before JAX's heartbeat abort."""
+    out, alive = tmp_path / "run", 1 - killed
     procs = launch(out, free_port(), "train.steps=100000", "checkpoint.every_steps=2")
     try:
         end = time.time() + 300
@@ -93,18 +96,18 @@ def test_a_killed_peer_stops_the_other_within_30_s_with_one_line(tmp_path):
             assert all(p.poll() is None for p in procs), log_text(out, 0)[-3000:]
             assert time.time() < end, "no progress"
             time.sleep(0.05)
-        os.kill(procs[1].pid, signal.SIGKILL)
+        os.kill(procs[killed].pid, signal.SIGKILL)
         killed_at = time.time()
-        while procs[0].poll() is None and time.time() - killed_at < 30:
+        while procs[alive].poll() is None and time.time() - killed_at < 30:
             time.sleep(0.1)
-        assert procs[0].poll() is not None, "process 0 still running 30 s after its peer died"
-        assert procs[0].returncode == 1, log_text(out, 0)[-3000:]
+        assert procs[alive].poll() is not None, "still running 30 s after its peer died"
+        assert procs[alive].returncode == 1, log_text(out, alive)[-3000:]
     finally:
         kill_all(procs)
-    text = log_text(out, 0)
+    text = log_text(out, alive)
     last = text.strip().splitlines()[-1]
-    assert last.startswith("error: process 0 of 2: process 1 of 2 died or stopped answering ("
-                           ), text[-3000:]
+    assert last.startswith(f"error: process {alive} of 2: process {killed} of 2 died or "
+                           "stopped answering ("), text[-3000:]
     assert "; coordinator 127.0.0.1:" in last and "rerunning all 2 processes resumes from the " \
         "latest checkpoint (step " in last, last
     assert "Traceback" not in text and "Check failure" not in text, text[-3000:]

@@ -185,16 +185,21 @@ def run(cfg: Config) -> list[dict]:
         out = Outputs(cfg, start, is_main)
         teardown.callback(out.close)
 
+        # A lost peer (a failed collective here, a closed lifeline on its own thread):
+        # one line that says where a rerun resumes.
+        def rerun() -> str:
+            resume = (f"resumes from the latest checkpoint (step {ckpts.committed} or later)"
+                      if ckpts.committed is not None else "starts over (no checkpoint yet)")
+            return f"rerunning all {jax.process_count()} processes {resume}"
+        distributed.on_peer_lost(rerun)
+        teardown.callback(distributed.on_peer_lost, None)
         try:
             train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict)
         except jax.errors.JaxRuntimeError as e:
             lost = distributed.lost_peer(e)
             if lost is None:
                 raise
-            resume = (f"resumes from the latest checkpoint (step {ckpts.committed} or later)"
-                      if ckpts.committed is not None else "starts over (no checkpoint yet)")
-            raise PeerLost(f"{lost}; rerunning all {jax.process_count()} processes "
-                           f"{resume}") from None
+            raise PeerLost(lost) from None
     if is_main and out.rows:
         run_dir = cfg.run_dir.rstrip("/")
         log.info("done: %d steps, final loss %.4f | metrics %s/metrics.jsonl | checkpoint "
