@@ -76,6 +76,10 @@ class ModelConfig:
     # x T, not x T). splash: the Pallas TPU kernel (interpreted, slowly, off TPUs).
     attention: Literal["auto", "xla", "cudnn", "blocked", "splash"] = "auto"
     attention_block: int = 512
+    # With the length split over a context axis (fsdp_cp rules): all_gather (every
+    # shard gathers all keys and values) or ring (key/value blocks passed around the
+    # shards, none holding all of them); models/context.py.
+    context_attention: Literal["all_gather", "ring"] = "all_gather"
     # The training loss computes the logits this many vocabulary slices at a time (the
     # largest divisor of vocab_size up to this), so B x T x V fp32 logits never exist at
     # once; 1: all at once.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from models.attention import blocked_attention, cached_attention, splash_attention, splash_fits
 from models.config import ModelConfig
+from models.context import context_attention
 
 if TYPE_CHECKING:
     from models.cache import KVCache
@@ -90,9 +91,12 @@ def embed(table_VD: jax.Array, ids_BT: jax.Array, dtype, constrain: Constrain,
     the partitioner likes); the caller's constraint to the activation layout is then a
     plain reshard. Asked to produce the batch layout from the gather itself, the
     partitioner cannot get there when D and the batch share the fsdp axis and the
-    vocabulary is split too (FSDP x TP): it replicates the rows."""
-    rows_BTD = jnp.take(table_VD.astype(dtype), ids_BT, axis=0)
-    return constrain(rows_BTD, ("*", "*", table_axes[1]))
+    vocabulary is split too (FSDP x TP): it replicates the rows. With the length split
+    over context axes that also split the table's D (context parallelism), the table
+    is gathered over them first ("rows_embed"), so that move is an all-to-all too."""
+    table_VD = constrain(table_VD.astype(dtype), (table_axes[0], "rows_embed"))
+    rows_BTD = jnp.take(table_VD, ids_BT, axis=0)
+    return constrain(rows_BTD, ("*", "*", "rows_embed"))
 
 
 def _embed_fwd(table_VD, ids_BT, dtype, constrain, table_axes):
@@ -107,9 +111,10 @@ def _embed_bwd(dtype, constrain, table_axes, residuals, g_BTD):
     # axis (FSDP), "act_ids" replicates the ids (small ints) to meet the rows, rather
     # than the rows being resharded to meet the ids (which under FSDP x TP the
     # partitioner can only do by replicating them); otherwise they stay as the batch.
-    g_BTD = constrain(g_BTD, ("*", "*", table_axes[1]))
+    g_BTD = constrain(g_BTD, ("*", "*", "rows_embed"))
     ids_BT = constrain(ids_BT, ("act_ids", None))
-    grad_VD = jnp.zeros_like(table_VD).at[ids_BT].add(g_BTD.astype(table_VD.dtype))
+    zeros_VD = constrain(jnp.zeros_like(table_VD), (table_axes[0], "rows_embed"))
+    grad_VD = zeros_VD.at[ids_BT].add(g_BTD.astype(table_VD.dtype))
     return constrain(grad_VD, table_axes), None
 
 
@@ -219,6 +224,12 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
         out_BTNH = cached_attention(q_BTNH, k_BSKH, v_BSKH, cache.slots(q_BTNH.shape[1]),
                                     cache.pad_B)
         return attention_out(p, out_BTNH, constrain), cache
+    if getattr(constrain, "ways", lambda _: 1)("act_length") > 1:  # context parallel
+        out_BTNH = context_attention(cfg.context_attention, q_BTNH, k_BTKH, v_BTKH,
+                                     positions_BT, segment_ids_BT, cfg.attention_block,
+                                     functools.partial(per_shard, constrain),
+                                     constrain.mesh_axes("act_length"))
+        return attention_out(p, out_BTNH, constrain), None
     platform = getattr(constrain, "platform", jax.default_backend())
     impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":

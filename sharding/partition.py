@@ -128,6 +128,10 @@ class ActivationSharding:
         over them inside `per_shard`)."""
         return dict(self.rules_items)[logical_name]
 
+    def ways(self, logical_name: str) -> int:
+        """How many ways the rules split `logical_name` over the mesh."""
+        return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical_name))
+
     def per_shard(self, fn: Callable, args: Sequence[jax.Array],
                   logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
         """fn on each device's shard of `args` (laid out by their logical axes; shard_map),

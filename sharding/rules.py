@@ -27,7 +27,7 @@ Rules = dict[str, MeshAxes]
 PARAM_NAMES = ("layers", "vocab", "embed", "vector", "mlp", "heads", "kv_heads", "head_dim",
                "length", "experts", "expert_embed")
 ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
-                    "act_kv_heads", "act_vocab", "act_ids")
+                    "act_kv_heads", "act_vocab", "act_ids", "rows_embed")
 
 _BATCH = {"batch": ("data", "fsdp")}
 _FSDP = {"embed": ("fsdp",), "expert_embed": ("fsdp",)}
@@ -41,12 +41,19 @@ _TP = {
     "act_vocab": ("model",),
 }
 
+# Context parallelism as MaxText and torchtitan lay it out: the activations' length split
+# over `context`, whose ways also FSDP-shard the parameters (gradients are reduced over
+# fsdp x context), so context ways never replicate a weight.
+_CP = {"embed": ("fsdp", "context"), "expert_embed": ("fsdp", "context"),
+       "act_length": ("context",)}
+
 # dp: replicate parameters, split the batch.
 # fsdp: also shard every parameter's embed dimension over `fsdp` (ZeRO-3 style:
 #       weights are all-gathered per layer, gradients reduce-scattered).
 # tp: shard heads / mlp / vocab over `model` (Megatron-style tensor parallel).
 # fsdp_tp: both.
 # fsdp_ep, fsdp_tp_ep: fsdp / fsdp_tp with MoE experts split over `expert`.
+# fsdp_cp, fsdp_tp_cp: fsdp / fsdp_tp with sequences split over `context`.
 PRESETS: dict[str, dict[str, MeshAxes]] = {
     "dp": {**_BATCH},
     "fsdp": {**_BATCH, **_FSDP},
@@ -54,6 +61,8 @@ PRESETS: dict[str, dict[str, MeshAxes]] = {
     "fsdp_tp": {**_BATCH, **_FSDP, **_TP},
     "fsdp_ep": {**_FSDP, **_EP},
     "fsdp_tp_ep": {**_FSDP, **_EP, **_TP},
+    "fsdp_cp": {**_BATCH, **_CP},
+    "fsdp_tp_cp": {**_BATCH, **_CP, **_TP},
 }
 
 
@@ -66,6 +75,14 @@ def ids_axes(rules: Rules) -> MeshAxes:
     if set(rules["batch"]) & set(rules["embed"]):
         return ()
     return rules["batch"]
+
+
+def rows_embed_axes(rules: Rules) -> MeshAxes:
+    """The derived rule for "rows_embed", the d_model axis of rows looked up in an
+    embedding table: the table's "embed" axes less those the length takes (context
+    parallelism), so the rows can move to the (batch, length) layout by an all-to-all
+    (the table is gathered over the context axes first)."""
+    return tuple(a for a in rules["embed"] if a not in rules["act_length"])
 
 
 class RulesError(ShardingError):
@@ -105,6 +122,8 @@ def make_rules(spec: str | Mapping[str, object], mesh_axes: tuple[str, ...]) -> 
         rules[name] = _as_axes(value, name)
     if "act_ids" not in spec:
         rules["act_ids"] = ids_axes(rules)
+    if "rows_embed" not in spec:
+        rules["rows_embed"] = rows_embed_axes(rules)
     for name, axes in rules.items():
         for axis in axes:
             if axis not in mesh_axes:

@@ -302,7 +302,6 @@ def test_spread_and_collect_equal_plain_indexing(k):
     (["model.moe.experts_per_token=9"],
      "model.moe.experts_per_token=9 must be between 1 and model.moe.num_experts=8"),
     (["model.moe.first_dense_layers=2"], "model.moe.first_dense_layers=2 must be in [0, "),
-    (["mesh.context=2"], "mesh.context=2: context parallelism is not implemented yet"),
     (["model.moe.row_chunks=0"], "model.moe.row_chunks must be >= 1"),
 ])
 def test_bad_moe_config_is_one_error_naming_the_key(overrides, message):

@@ -45,7 +45,7 @@ class MeshConfig:
     # devices left (one axis at most).
     data: int = 1
     fsdp: int = -1
-    context: int = 1  # sequence (context) parallelism: sized now, used by a later release
+    context: int = 1  # context parallelism: sequences split over it (fsdp_cp rules)
     expert: int = 1  # expert parallelism: MoE experts split over it (it also splits the batch)
     model: int = 1
     # Multi-slice (TPU) or multi-node (GPU): how many of an axis' ways go across slices
@@ -65,16 +65,12 @@ class MeshConfig:
     def check(self) -> None:
         """Axis sizes are checked against the devices when the mesh is built."""
         _positive("mesh", self, *(f"dcn_{a}" for a in MESH_AXES))
-        if self.context != 1:
-            raise ConfigError(f"mesh.context={self.context}: context parallelism is not "
-                              "implemented yet; set mesh.context=1 (shard long sequences "
-                              "with mesh.fsdp and remat meanwhile)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
-    # A preset name (dp, fsdp, tp, fsdp_tp, fsdp_ep, fsdp_tp_ep) or a mapping logical
-    # name -> mesh axes, optionally with `preset: NAME` to start from.
+    # A preset name (dp, fsdp, tp, fsdp_tp, fsdp_ep, fsdp_tp_ep, fsdp_cp, fsdp_tp_cp) or
+    # a mapping logical name -> mesh axes, optionally with `preset: NAME` to start from.
     rules: Union[str, dict] = "fsdp"
 
 

@@ -36,9 +36,10 @@ class Plan:
 
     @property
     def batch_sharding(self) -> NamedSharding:
-        """Every batch entry's layout: sequences over the rules' batch mesh axes."""
+        """Every batch entry's layout: sequences over the rules' batch mesh axes, their
+        length over the context axes (the load-balanced order, train/data/batches.py)."""
         return NamedSharding(self.mesh, sharding.logical_to_spec(
-            (None, "batch", None), self.batch_shape, self.rules, self.mesh, "batch"))
+            (None, "batch", "act_length"), self.batch_shape, self.rules, self.mesh, "batch"))
 
     def check_batches(self) -> None:
         check_batches(self.cfg, self.mesh, self.rules)
@@ -78,6 +79,29 @@ def check_batches(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
             "change the batch size or the mesh")
 
 
+def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
+                  batches: bool) -> None:
+    """A ConfigError for a `context` mesh axis nothing is split over, a sequence that
+    does not cut into 2 x ways equal chunks (load balancing), or ring attention asked of
+    cuDNN."""
+    used = {a for axes in rules.values() for a in axes}
+    if mesh.shape.get("context", 1) > 1 and "context" not in used:
+        raise ConfigError(f"mesh.context={mesh.shape['context']} but sharding.rules "
+                          f"{cfg.sharding.rules!r} splits nothing over it; use the "
+                          "fsdp_cp or fsdp_tp_cp rules, or set mesh.context=1")
+    ways = math.prod(mesh.shape[a] for a in rules["act_length"])
+    if ways == 1:
+        return
+    if batches and cfg.train.seq_len % (2 * ways):
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} does not divide by 2 x the "
+                          f"{ways} context ways (load balancing holds two chunks per "
+                          f"shard); pick a length that is a multiple of {2 * ways}")
+    if cfg.model.context_attention == "ring" and cfg.model.attention == "cudnn":
+        raise ConfigError("model.context_attention=ring needs each block's log-sum-exp, "
+                          "which cuDNN's attention does not return; use "
+                          "model.context_attention=all_gather or model.attention=auto")
+
+
 def check_experts(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
     """A ConfigError for an `expert` mesh axis nothing is split over, or experts that do
     not divide by the ways they are split."""
@@ -105,6 +129,7 @@ def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
                                                                 mesh.axis_names)
     check_experts(cfg, mesh, rules)
+    check_context(cfg, mesh, rules, batches)
     if batches:
         check_batches(cfg, mesh, rules)
     init = make_init(cfg, mesh, rules)

@@ -46,8 +46,11 @@ def compile_step(cfg: Config, devices, hbm_bytes: int | None, target: str,
     """Compile cfg's train step for `devices` and measure it (the report's dict)."""
     p = plan(cfg, devices)
     mesh, t = p.mesh, cfg.train
+    keys = batch_keys(cfg)
+    if p.batch_sharding.shard_shape(p.batch_shape)[2] < p.batch_shape[2]:  # context split
+        keys["positions"] = "int32"  # the load-balanced layout's (train/data/batches.py)
     batch = {k: jax.ShapeDtypeStruct(p.batch_shape, dtype, sharding=p.batch_sharding)
-             for k, dtype in batch_keys(cfg).items()}
+             for k, dtype in keys.items()}
     t0 = time.perf_counter()
     lowered = jit_train_step(p.shardings, {k: p.batch_sharding for k in batch}).lower(
         p.abstract_state(), batch)

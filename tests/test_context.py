@@ -1,0 +1,251 @@
+"""Context parallelism: the load-balanced layout, all-gather and ring attention, and
+training with the length split over `context` equal to the unsharded run."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sharding
+from models.context import attend, balanced_order, ring_attend
+from train.data.batches import to_global
+from train.plan import plan
+from train.state import init_state
+from train.step import compute_grads, jit_train_step
+
+from helpers import small_config
+
+ONCE = pytest.mark.once
+T, BLOCK = 256, 16  # each of 4 shards holds 64 queries: 4 blocks
+
+
+def dense_reference(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT):
+    """Plain softmax attention with the position/segment mask (independent of ours)."""
+    B, T, N, H = q_BTNH.shape
+    k = jnp.repeat(k_BTKH, N // k_BTKH.shape[2], axis=2)
+    v = jnp.repeat(v_BTKH, N // k_BTKH.shape[2], axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k) / np.sqrt(H)
+    keep = (pos_BT[:, None, :] <= pos_BT[:, :, None]) & (seg_BT[:, None, :] == seg_BT[:, :, None])
+    s = jnp.where(keep[:, None], s, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v)
+
+
+def documents(B, T, seed):
+    """Segment ids and positions of packed documents (positions restart per document)."""
+    rng = np.random.default_rng(seed)
+    seg = np.cumsum(rng.random((B, T)) < 0.02, axis=1).astype(np.int32)
+    pos = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for t in range(1, T):
+            pos[b, t] = 0 if seg[b, t] != seg[b, t - 1] else pos[b, t - 1] + 1
+    return seg, pos
+
+
+def test_balanced_order_is_a_permutation_and_balances_causal_work():
+    for length, ways in [(16, 1), (16, 2), (64, 4), (96, 8)]:
+        order = balanced_order(length, ways)
+        assert sorted(order) == list(range(length))
+        inverse = np.argsort(order)
+        x = np.random.default_rng(0).random(length)
+        np.testing.assert_array_equal(x[order][inverse], x)
+        # unmasked (query, key) pairs per shard: query at original index i sees i + 1 keys
+        work = (order + 1).reshape(ways, -1).sum(axis=1)
+        assert len(set(work)) == 1, work
+    # without the layout the last of 4 shards would do 7x the first's work
+    plain = (np.arange(64) + 1).reshape(4, -1).sum(axis=1)
+    assert plain[-1] > 6 * plain[0]
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=ONCE), True],
+                         ids=["causal", "documents"])
+def test_ring_and_all_gather_attention_equal_dense_in_values_and_gradients(devices, masked):
+    mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
+    B, N, K, H = 2, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, T, N, H))
+    k = jax.random.normal(keys[1], (B, T, K, H))
+    v = jax.random.normal(keys[2], (B, T, K, H))
+    dout = jax.random.normal(keys[3], (B, T, N, H))
+    seg, pos = documents(B, T, 1) if masked else (
+        np.zeros((B, T), np.int32), np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    order = balanced_order(T, 4)
+    inverse = np.argsort(order)
+
+    def ref_loss(q, k, v):
+        return jnp.sum(dense_reference(q, k, v, jnp.asarray(pos), jnp.asarray(seg)) * dout)
+
+    ref, ref_grads = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+
+    def ours(mode):
+        def local(q, k, v, pos, seg, kpos, kseg):
+            q5 = q.reshape(*q.shape[:2], K, N // K, H)
+            o = (ring_attend(q5, k, v, pos, kpos, seg, kseg, "context", BLOCK) if mode == "ring"
+                 else attend(q5, k, v, pos, kpos, seg, kseg, BLOCK))
+            return o.reshape(q.shape)
+
+        kv = P(None, "context") if mode == "ring" else P()
+        fn = jax.shard_map(local, mesh=mesh, out_specs=P(None, "context"), check_vma=False,
+                           in_specs=(P(None, "context"), kv, kv, P(None, "context"),
+                                     P(None, "context"), kv, kv))
+
+        def loss(q, k, v):  # in the balanced layout, as training lays it out
+            lay = lambda x: x[:, order]  # noqa: E731
+            out = fn(lay(q), lay(k), lay(v), lay(pos), lay(seg), lay(pos), lay(seg))
+            return jnp.sum(out[:, inverse] * dout)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for mode in ("ring", "all_gather"):
+        value, grads = ours(mode)
+        np.testing.assert_allclose(value, ref, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_ring_step_holds_no_array_of_the_whole_sequences_keys(devices):
+    """Compiled: every (B, S, K, H) key/value array in the ring's program is one
+    shard's block (S = T / 4), never the whole length."""
+    cfg = small_config("mesh.fsdp=2", "mesh.context=4", "sharding.rules=fsdp_cp",
+                       f"train.seq_len={T}", "model.max_seq_len=256",
+                       "model.context_attention=ring", f"model.attention_block={BLOCK}")
+    p = plan(cfg)
+    batch = {k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sharding)
+             for k in ("inputs", "targets", "positions")}
+    hlo = jit_train_step(p.shardings, {k: p.batch_sharding for k in batch}).lower(
+        p.abstract_state(), batch).compile().as_text()
+    K, H = cfg.model.kv_heads, cfg.model.head_size
+    whole = [f"[{b},{T},{K},{H}]" for b in (1, 2, 4, 8)]
+    assert not any(w in hlo for w in whole), [w for w in whole if w in hlo]
+    assert f",{T // 4},{K},{H}]" in hlo  # the blocks are there
+    assert "collective-permute" in hlo
+
+
+def batches_for(cfg, p, masked):
+    """Three global batches laid out for plan `p` (the load-balanced order when the
+    length is split), the same rows whatever the mesh. Unmasked batches are one
+    segment with positions 0..T-1, so both kinds run through one compiled program."""
+    B, L = cfg.train.batch_size, cfg.train.seq_len
+    out = []
+    for step in range(3):
+        rng = np.random.default_rng(step)
+        tokens = rng.integers(0, cfg.model.vocab_size, (B, L + 1)).astype(np.int32)
+        seg, pos = documents(B, L, step + 10) if masked else (
+            np.zeros((B, L), np.int32), np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
+        rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+                "positions": pos, "weights": np.ones((B, L), np.float32)}
+        out.append(to_global(rows, cfg, p.batch_sharding))
+    return out
+
+
+def train_three_steps(cfg):
+    """{masked: (first loss, its gradients, three steps' losses)}, one compile each of
+    the gradient and the train step for both kinds of batch."""
+    p = plan(cfg, devices=jax.devices()[:int(np.prod(list(cfg.mesh.axes().values())))])
+    grads_fn, step = None, None
+    out = {}
+    for masked in (False, True):
+        state = init_state(p.init, p.shardings, cfg.train.seed)
+        batches = batches_for(cfg, p, masked)
+        grads_fn = grads_fn or jax.jit(compute_grads)
+        step = step or jit_train_step(p.shardings, {k: p.batch_sharding for k in batches[0]})
+        terms, grads = grads_fn(state, batches[0])
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        out[masked] = float(terms["loss"]), jax.device_get(jax.tree.leaves(grads)), losses
+    return out
+
+
+BASE = (f"train.seq_len={T}", "model.max_seq_len=256", f"model.attention_block={BLOCK}",
+        "train.batch_size=4", "optimizer.warmup_steps=1")
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run():
+    return train_three_steps(small_config(*BASE, "mesh.fsdp=1"))
+
+
+MESHES = {"context4": ("mesh.fsdp=1", "mesh.context=4", "sharding.rules=fsdp_cp"),
+          "fsdp2_context4": ("mesh.fsdp=2", "mesh.context=4", "sharding.rules=fsdp_cp"),
+          "context2_model2_fsdp2": ("mesh.fsdp=2", "mesh.context=2", "mesh.model=2",
+                                    "sharding.rules=fsdp_tp_cp")}
+CASES = [pytest.param(mesh, mode, id=f"{mesh}-{mode}",
+                      marks=() if (mesh, mode) == ("fsdp2_context4", "ring") else ONCE)
+         for mesh in MESHES for mode in ("all_gather", "ring")]
+
+
+@pytest.mark.parametrize("mesh,mode", CASES)
+def test_context_parallel_training_equals_the_unsharded_run(devices, mesh, mode):
+    """Causal batches and packed documents (document masking) alike."""
+    cfg = small_config(*BASE, *MESHES[mesh], f"model.context_attention={mode}")
+    got, want = train_three_steps(cfg), reference_run()
+    for masked in (False, True):
+        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
+        scale = max(np.abs(r).max() for r in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_context_parameters_are_fsdp_sharded_over_fsdp_and_context(devices):
+    cfg = small_config(*BASE, "mesh.fsdp=2", "mesh.context=4", "sharding.rules=fsdp_cp")
+    p = plan(cfg, devices=devices)
+    specs = {tuple(s.spec) for s in jax.tree.leaves(p.shardings.params)}
+    assert any(("fsdp", "context") in spec for spec in specs), specs
+    assert sharding.batch_ways(p.mesh, p.rules) == 2
+
+
+CLI_RUN = ["--config", "configs/tiny.yaml", "train.steps=6", "train.log_every=1",
+           "train.seq_len=64", "train.batch_size=8", "model.num_layers=2", "model.d_model=64",
+           "model.mlp_dim=128", "model.attention_block=8", "checkpoint.every_steps=4",
+           "checkpoint.async_save=false", "eval.every_steps=3", "eval.batches=1",
+           "data.max_bytes=2000000", "optimizer.decay_steps=6", "compile_cache_dir=null"]
+
+
+@ONCE
+def test_a_context_parallel_checkpoint_continues_on_one_context_way_and_generates(tmp_path):
+    """Trained with the length split 4 ways (ring), evaluated along the way; the step-4
+    checkpoint restored with context=1 continues with the same losses, and the run
+    generates on the default mesh."""
+    from helpers import run_cli
+    from runs import losses
+    cp = tmp_path / "cp"
+    r = run_cli(*CLI_RUN, f"output_dir={cp}", "mesh.fsdp=2", "mesh.context=4",
+                "sharding.rules=fsdp_cp", "model.context_attention=ring")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val_loss" in (cp / "metrics.jsonl").read_text()
+    one = tmp_path / "one"
+    r = run_cli(*CLI_RUN, f"output_dir={one}", "mesh.fsdp=-1",
+                f"checkpoint.resume_from={cp / 'checkpoints'}/4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = losses(one), losses(cp)
+    assert sorted(got) == [5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    r = run_cli("--checkpoint", str(cp), "--prompt", "def f(", "--max-new-tokens", "8",
+                module="train.generate")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("mesh.context=4", "sharding.rules=fsdp_cp", "train.seq_len=36"),
+     "error: train.seq_len=36 does not divide by 2 x the 4 context ways"),
+    (("mesh.context=4", "sharding.rules=fsdp_cp", "model.context_attention=ring",
+      "model.attention=cudnn"), "error: model.context_attention=ring needs each block's"),
+    (("mesh.context=4", "sharding.rules=fsdp"), "error: mesh.context=4 but sharding.rules "
+     "'fsdp' splits nothing over it; use the fsdp_cp or fsdp_tp_cp rules"),
+    (("mesh.fsdp=1", "mesh.context=4", "sharding.rules=fsdp_cp"),
+     "error: mesh (data=1, fsdp=1, context=4, model=1) needs 4 devices but 8 exist"),
+], ids=["length", "ring-cudnn", "rules", "devices"])
+@ONCE
+def test_bad_context_settings_fail_with_one_line_and_exit_2(overrides, message):
+    from helpers import run_cli
+    r = run_cli("--config", "configs/tiny.yaml", "train.steps=1", "compile_cache_dir=null",
+                *overrides, devices=8)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
