@@ -11,7 +11,7 @@ computes what.
 
 Two ways to attend across shards (`model.context_attention`):
 - all_gather: each shard gathers every shard's keys and values and attends its own
-  queries to all of them (the keys' gradients are reduced back).
+  queries to all of them (the keys' gradients are reduce-scattered back).
 - ring: key/value blocks travel around the ring of shards (`ppermute`), each shard
   folding one block at a time into its queries' output with an online softmax (each
   block's log-sum-exp), so no shard ever holds the whole sequence's keys and values.
@@ -19,9 +19,10 @@ Two ways to attend across shards (`model.context_attention`):
   can overlap the compute. The backward pass goes around the ring again, the keys' and
   values' gradients travelling with their block back to its owner.
 
-Inside a shard both use `attend`: exact attention a block of queries at a time with a
-hand-written backward pass (flash attention's, in plain JAX), so neither the scores nor
-the probabilities of all (query, key) pairs are ever held.
+Inside a shard both use `attend`: exact attention a block of queries by a block of keys
+at a time (an online softmax over the key blocks) with a hand-written backward pass
+(flash attention's, in plain JAX), so the scores held at once are one block's,
+B x N x block x block, whatever the length.
 
 Shapes: B batch, T local queries, S local keys, N query heads, K kv heads,
 G = N / K, H head size, C queries per block.
@@ -67,68 +68,97 @@ def _unblocks(x_nBC):
     return jnp.moveaxis(x_nBC, 0, 1).reshape(B, n * C, *x_nBC.shape[3:])
 
 
+def _scores(q_BCKGH, k_BSKH, qpos_BC, kpos_BS, qseg_BC, kseg_BS, scale):
+    """Masked fp32 scores (B, K, G, C, S) and the mask (B, 1, 1, C, S)."""
+    s_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", q_BCKGH, k_BSKH,
+                         preferred_element_type=jnp.float32) * scale
+    keep_B11CS = _keep(qpos_BC, kpos_BS, qseg_BC, kseg_BS)[:, None, None]
+    return jnp.where(keep_B11CS, s_BKGCS, NEG), keep_B11CS
+
+
 def attend_with_lse(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block):
     """Output (B, T, K, G, H) fp32 and log-sum-exp (B, T, K, G) fp32 of the queries
-    against these keys. A query with no visible key gets a log-sum-exp near fp32's
+    against these keys, `block` queries by `block` keys at a time (an online softmax
+    over the key blocks). A query with no visible key gets a log-sum-exp near fp32's
     minimum (its output then weighs nothing when blocks are combined)."""
     H = q_BTKGH.shape[-1]
-    n = num_blocks(q_BTKGH.shape[1], block)
+    nq, nk = num_blocks(q_BTKGH.shape[1], block), num_blocks(k_BSKH.shape[1], block)
     scale = 1.0 / np.sqrt(H)
+    keys = tuple(_blocks(x, nk) for x in (k_BSKH, v_BSKH, kpos_BS, kseg_BS))
 
     def one(_, xs):
         q_BCKGH, qpos_BC, qseg_BC = xs
-        s_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", q_BCKGH, k_BSKH,
-                             preferred_element_type=jnp.float32) * scale
-        keep_B11CS = _keep(qpos_BC, kpos_BS, qseg_BC, kseg_BS)[:, None, None]
-        s_BKGCS = jnp.where(keep_B11CS, s_BKGCS, NEG)
-        m_BKGC = jnp.max(s_BKGCS, axis=-1)
-        p_BKGCS = jnp.exp(s_BKGCS - m_BKGC[..., None])
-        l_BKGC = jnp.sum(p_BKGCS, axis=-1)
-        o_BCKGH = jnp.einsum("bkgcs,bskh->bckgh", p_BKGCS.astype(v_BSKH.dtype), v_BSKH,
-                             preferred_element_type=jnp.float32)
-        o_BCKGH = o_BCKGH / jnp.moveaxis(l_BKGC, -1, 1)[..., None]
+        B, C, K, G, _h = q_BCKGH.shape
+
+        def fold(carry, ys):
+            m_BKGC, l_BKGC, o_BKGCH = carry
+            k_BSKH, v_BSKH, kpos_BS, kseg_BS = ys
+            s_BKGCS, _ = _scores(q_BCKGH, k_BSKH, qpos_BC, kpos_BS, qseg_BC, kseg_BS, scale)
+            m_new = jnp.maximum(m_BKGC, jnp.max(s_BKGCS, axis=-1))
+            p_BKGCS = jnp.exp(s_BKGCS - m_new[..., None])
+            fix = jnp.exp(m_BKGC - m_new)
+            o_BKGCH = o_BKGCH * fix[..., None] + jnp.einsum(
+                "bkgcs,bskh->bkgch", p_BKGCS.astype(v_BSKH.dtype), v_BSKH,
+                preferred_element_type=jnp.float32)
+            return (m_new, l_BKGC * fix + jnp.sum(p_BKGCS, axis=-1), o_BKGCH), None
+
+        init = (jnp.full((B, K, G, C), NEG, jnp.float32), jnp.zeros((B, K, G, C), jnp.float32),
+                jnp.zeros((B, K, G, C, H), jnp.float32))
+        (m_BKGC, l_BKGC, o_BKGCH), _ = jax.lax.scan(fold, init, keys)
+        o_BCKGH = jnp.moveaxis(o_BKGCH / l_BKGC[..., None], 3, 1)
         return None, (o_BCKGH, jnp.moveaxis(m_BKGC + jnp.log(l_BKGC), -1, 1))
 
     _, (o_nBCKGH, lse_nBCKG) = jax.lax.scan(
-        one, None, (_blocks(q_BTKGH, n), _blocks(qpos_BT, n), _blocks(qseg_BT, n)))
+        one, None, (_blocks(q_BTKGH, nq), _blocks(qpos_BT, nq), _blocks(qseg_BT, nq)))
     return _unblocks(o_nBCKGH), _unblocks(lse_nBCKG)
 
 
 def attend_grads(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block,
-                 do_BTKGH, lse_BTKG, delta_BTKG):
+                 do_BTKGH, lse_BTKG, delta_BTKG, kv_dtype=jnp.float32):
     """Gradients (q, k, v) of these keys' share of the attention, given the output's
     gradient, the final log-sum-exp and delta = sum(do * out) over H: flash attention's
-    backward pass, a block of queries at a time. dq in fp32; dk, dv fp32 sums."""
+    backward pass, `block` keys by `block` queries at a time (keys outside, so a key
+    block's gradients are summed in a small carry and only dq, the local queries', is
+    held whole). dq in fp32, dk and dv in `kv_dtype`."""
     H = q_BTKGH.shape[-1]
-    n = num_blocks(q_BTKGH.shape[1], block)
+    nq, nk = num_blocks(q_BTKGH.shape[1], block), num_blocks(k_BSKH.shape[1], block)
     scale = 1.0 / np.sqrt(H)
+    queries = tuple(_blocks(x, nq) for x in (q_BTKGH, qpos_BT, qseg_BT, do_BTKGH))
+    lse_nBKGC, delta_nBKGC = (jnp.moveaxis(_blocks(x, nq), 2, -1)
+                              for x in (lse_BTKG, delta_BTKG))
 
-    def one(carry, xs):
-        dk_BSKH, dv_BSKH = carry
-        q_BCKGH, qpos_BC, qseg_BC, do_BCKGH, lse_BCKG, delta_BCKG = xs
-        s_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", q_BCKGH, k_BSKH,
-                             preferred_element_type=jnp.float32) * scale
-        keep_B11CS = _keep(qpos_BC, kpos_BS, qseg_BC, kseg_BS)[:, None, None]
-        lse_BKGC = jnp.moveaxis(lse_BCKG, 1, -1)
-        p_BKGCS = jnp.where(keep_B11CS, jnp.exp(s_BKGCS - lse_BKGC[..., None]), 0.0)
-        do_c = do_BCKGH.astype(v_BSKH.dtype)
-        dv_BSKH = dv_BSKH + jnp.einsum("bkgcs,bckgh->bskh", p_BKGCS.astype(do_c.dtype),
-                                       do_c, preferred_element_type=jnp.float32)
-        dp_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", do_c, v_BSKH,
-                              preferred_element_type=jnp.float32)
-        ds_BKGCS = p_BKGCS * (dp_BKGCS - jnp.moveaxis(delta_BCKG, 1, -1)[..., None]) * scale
-        ds_c = ds_BKGCS.astype(q_BCKGH.dtype)
-        dq_BCKGH = jnp.einsum("bkgcs,bskh->bckgh", ds_c, k_BSKH,
-                              preferred_element_type=jnp.float32)
-        dk_BSKH = dk_BSKH + jnp.einsum("bkgcs,bckgh->bskh", ds_c, q_BCKGH,
-                                       preferred_element_type=jnp.float32)
-        return (dk_BSKH, dv_BSKH), dq_BCKGH
+    def per_key_block(dq_nBCKGH, ys):
+        k_BSKH, v_BSKH, kpos_BS, kseg_BS = ys
 
-    zeros = jnp.zeros(k_BSKH.shape, jnp.float32)
-    xs = tuple(_blocks(x, n) for x in (q_BTKGH, qpos_BT, qseg_BT, do_BTKGH, lse_BTKG,
-                                       delta_BTKG))
-    (dk_BSKH, dv_BSKH), dq_nBCKGH = jax.lax.scan(one, (zeros, zeros), xs)
-    return _unblocks(dq_nBCKGH), dk_BSKH, dv_BSKH
+        def per_query_block(carry, xs):
+            dk_BSKH, dv_BSKH = carry
+            q_BCKGH, qpos_BC, qseg_BC, do_BCKGH, lse_BKGC, delta_BKGC, dq_BCKGH = xs
+            do_c = do_BCKGH.astype(v_BSKH.dtype)
+            s_BKGCS, keep_B11CS = _scores(q_BCKGH, k_BSKH, qpos_BC, kpos_BS, qseg_BC,
+                                          kseg_BS, scale)
+            p_BKGCS = jnp.where(keep_B11CS, jnp.exp(s_BKGCS - lse_BKGC[..., None]), 0.0)
+            dv_BSKH = dv_BSKH + jnp.einsum("bkgcs,bckgh->bskh", p_BKGCS.astype(do_c.dtype),
+                                           do_c, preferred_element_type=jnp.float32)
+            dp_BKGCS = jnp.einsum("bckgh,bskh->bkgcs", do_c, v_BSKH,
+                                  preferred_element_type=jnp.float32)
+            ds_c = (p_BKGCS * (dp_BKGCS - delta_BKGC[..., None]) * scale).astype(
+                q_BCKGH.dtype)
+            dq_BCKGH = dq_BCKGH + jnp.einsum("bkgcs,bskh->bckgh", ds_c, k_BSKH,
+                                             preferred_element_type=jnp.float32)
+            dk_BSKH = dk_BSKH + jnp.einsum("bkgcs,bckgh->bskh", ds_c, q_BCKGH,
+                                           preferred_element_type=jnp.float32)
+            return (dk_BSKH, dv_BSKH), dq_BCKGH
+
+        zeros = jnp.zeros(k_BSKH.shape, jnp.float32)
+        (dk_BSKH, dv_BSKH), dq_nBCKGH = jax.lax.scan(
+            per_query_block, (zeros, zeros),
+            (*queries, lse_nBKGC, delta_nBKGC, dq_nBCKGH))
+        return dq_nBCKGH, (dk_BSKH.astype(kv_dtype), dv_BSKH.astype(kv_dtype))
+
+    dq_nBCKGH = jnp.zeros(queries[0].shape, jnp.float32)
+    keys = tuple(_blocks(x, nk) for x in (k_BSKH, v_BSKH, kpos_BS, kseg_BS))
+    dq_nBCKGH, (dk_nBSKH, dv_nBSKH) = jax.lax.scan(per_key_block, dq_nBCKGH, keys)
+    return _unblocks(dq_nBCKGH), _unblocks(dk_nBSKH), _unblocks(dv_nBSKH)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -140,6 +170,7 @@ def attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block):
 
 
 def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, block):
+    q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     o, lse = attend_with_lse(q, k, v, qpos, kpos, qseg, kseg, block)
     o = o.astype(q.dtype)
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
@@ -147,10 +178,11 @@ def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, block):
 
 def _attend_bwd(block, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
+    q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    dq, dk, dv = attend_grads(q, k, v, qpos, kpos, qseg, kseg, block, do, lse, delta)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
-            None)
+    dq, dk, dv = attend_grads(q, k, v, qpos, kpos, qseg, kseg, block, do, lse, delta,
+                              k.dtype)
+    return (dq.astype(q.dtype), dk, dv.astype(v.dtype), None, None, None, None)
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
@@ -169,6 +201,7 @@ def ring_attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, axe
 
 
 def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block):
+    q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
     perm = _ring_perm(ways)
 
@@ -192,8 +225,17 @@ def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block):
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
 
+def _tied(q, *ints):
+    """Positions and segment ids tied to this layer's queries by an optimization
+    barrier: the masks made from them cannot be hoisted out of the layer loop (they are
+    the same in every layer, and XLA would otherwise compute every ring step's and
+    block's mask once and hold them all: 30 GiB per chip for Llama-3-8B at 128k)."""
+    return jax.lax.optimization_barrier((q, *ints))
+
+
 def _ring_bwd(axes, block, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
+    q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
     perm = _ring_perm(ways)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
@@ -240,15 +282,12 @@ def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_i
         q_BTKGH = q.reshape(b, t, k.shape[2], N // K, H)
         if mode == "ring":
             o = ring_attend(q_BTKGH, k, v, qpos, kpos, qseg, kseg, axes, block)
-        else:
+        else:  # all_gather: every shard's keys, in the layout's order (masks use positions)
+            k, v, kpos, kseg = (jax.lax.all_gather(x, axes, axis=1, tiled=True)
+                                for x in (k, v, kpos, kseg))
             o = attend(q_BTKGH, k, v, qpos, kpos, qseg, kseg, block)
         return o.reshape(q.shape)
 
-    if mode == "ring":
-        args = (q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, seg_BT, seg_BT)
-        specs = (q_ax, kv_ax, kv_ax, tok_ax, tok_ax, tok_ax, tok_ax)
-    else:  # all_gather: the keys' side laid out whole along the length
-        gathered_kv, gathered_tok = ("batch", None, "act_kv_heads", None), ("batch", None)
-        args = (q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, seg_BT, seg_BT)
-        specs = (q_ax, gathered_kv, gathered_kv, tok_ax, gathered_tok, tok_ax, gathered_tok)
-    return per_shard(local, args, specs)
+    # the gathers run inside: their gradients are reduce-scattered back to the shards
+    return per_shard(local, (q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, seg_BT, seg_BT),
+                     (q_ax, kv_ax, kv_ax, tok_ax, tok_ax, tok_ax, tok_ax))

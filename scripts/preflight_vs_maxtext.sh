@@ -11,6 +11,9 @@
 # MaxText's published Mixtral-8x7B recipe for v6e-256 (FSDP 256, 32 x 1024 per chip,
 # remat full, flash attention) against configs/mixtral-8x7b.yaml; each side takes
 # ~15 min on a 2-core machine.
+# long runs Llama-3.1-8B on v5p-64 with the length split 16 ways over the context axis
+# (fsdp 2 x context 16, 2 sequences, remat full), all_gather and ring, at each length of
+# LENGTHS (default "32768 65536 131072"); MaxText's ring needs use_tokamax_splash=True.
 # TPU_LIBRARY_PATH=/path/to/libtpu.so selects another libtpu for both tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,18 @@ ours() {  # case topology config batch [seq_len [rules]]
         mesh.model=1 "sharding.rules=${6:-fsdp}" "train.batch_size=$4" \
         "train.seq_len=${5:-2048}" data.source=synthetic --json /tmp/preflight-ours.json \
         >/dev/null 2>&1
+    "$PY" - "$1" <<'PY'
+import json, sys
+r = json.load(open("/tmp/preflight-ours.json"))
+gib = 1024 ** 3
+print(f"shardlm  {sys.argv[1]:12s} compile {r['compile_s']:6.1f} s  memory "
+      f"{r['memory_per_chip']['total'] / gib:6.2f} GiB  collectives {r['collective_bytes_per_chip'] / gib:8.4f} GiB")
+PY
+}
+ours_cp() {  # case length context_attention
+    "$PY" -m train.compile --config configs/llama-8b-128k.yaml --topology v5p-64 \
+        "train.seq_len=$2" "model.max_seq_len=$2" "model.context_attention=$3" \
+        --json /tmp/preflight-ours.json >/dev/null 2>&1
     "$PY" - "$1" <<'PY'
 import json, sys
 r = json.load(open("/tmp/preflight-ours.json"))
@@ -49,6 +64,18 @@ for _ in $(seq "$REPEATS"); do
     if [[ " $CASES " == *" 8b "* ]]; then
         maxtext 8b/v5e-256 v5e-256 llama3.1-8b 2
         ours 8b/v5e-256 v5e-256 llama-8b.yaml 512
+    fi
+    if [[ " $CASES " == *" long "* ]]; then
+        for length in ${LENGTHS:-32768 65536 131072}; do
+            for strategy in all_gather ring; do
+                extra=()
+                [ "$strategy" = ring ] && extra=(context_parallel_strategy=ring use_tokamax_splash=True)
+                maxtext "$strategy/$length" v5p-64 llama3.1-8b 0.0625 \
+                    "max_target_length=$length" attention=flash ici_fsdp_parallelism=2 \
+                    ici_context_parallelism=16 "${extra[@]}"
+                ours_cp "$strategy/$length" "$length" "$strategy"
+            done
+        done
     fi
     if [[ " $CASES " == *" mixtral "* ]]; then
         maxtext mixtral/v6e-256 v6e-256 mixtral-8x7b 32 max_target_length=1024 \

@@ -2,6 +2,8 @@
 training with the length split over `context` equal to the unsharded run."""
 
 import functools
+import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +251,24 @@ def test_bad_context_settings_fail_with_one_line_and_exit_2(overrides, message):
                 *overrides, devices=8)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
+
+
+@ONCE
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_tpu_preflight_of_the_ring_sends_blocks_asynchronously(tmp_path):
+    """Compiled for a v5e 2x2 slice (libtpu on this CPU): the ring's block transfers are
+    asynchronous collective-permute start/done pairs, the overlap CPU timing cannot show."""
+    from helpers import run_cli
+    hlo, out = tmp_path / "step.hlo", tmp_path / "report.json"
+    r = run_cli("--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null",
+                "--topology", "v5e:2x2", "mesh.fsdp=1", "mesh.context=4",
+                "sharding.rules=fsdp_cp", "model.context_attention=ring", f"train.seq_len={T}",
+                "train.batch_size=4", "--hlo", str(hlo), "--json", str(out),
+                module="train.compile")
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = hlo.read_text()
+    assert "collective-permute-start" in text and "collective-permute-done" in text
+    report = json.loads(out.read_text())
+    assert any(c["op"] == "collective-permute" and c["axes"] == "context"
+               for c in report["collectives"]), report["collectives"]
