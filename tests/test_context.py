@@ -272,3 +272,23 @@ def test_tpu_preflight_of_the_ring_sends_blocks_asynchronously(tmp_path):
     report = json.loads(out.read_text())
     assert any(c["op"] == "collective-permute" and c["axes"] == "context"
                for c in report["collectives"]), report["collectives"]
+
+
+@ONCE
+@pytest.mark.parametrize("family", [
+    ("model.moe.num_experts=4", "model.moe.experts_per_token=2"),
+    ("model.style=gpt2", "model.num_kv_heads=8")], ids=["moe", "gpt2"])
+def test_moe_layers_and_learned_positions_train_on_split_sequences(devices, family):
+    """A mixture of experts (routing per token on each shard) and GPT-2's learned
+    position table (looked up at the permuted positions) under fsdp 2 x context 4 ring."""
+    ref = train_three_steps(small_config(*BASE, *family, "mesh.fsdp=1"))
+    got = train_three_steps(small_config(*BASE, *family, "mesh.fsdp=2", "mesh.context=4",
+                                         "sharding.rules=fsdp_cp",
+                                         "model.context_attention=ring"))
+    for masked in (False, True):
+        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], ref[masked]
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        scale = max(np.abs(r).max() for r in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
