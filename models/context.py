@@ -51,6 +51,17 @@ def balanced_order(length: int, ways: int) -> np.ndarray:
                            for i in range(ways)])
 
 
+def balanced_rows(rows_bT: dict[str, np.ndarray], ways: int) -> dict[str, np.ndarray]:
+    """A batch's (b, T) entries in the load-balanced order for `ways` context shards,
+    with explicit positions (0..T-1 before the permutation) when it has none."""
+    if ways == 1:
+        return rows_bT
+    b, T = next(iter(rows_bT.values())).shape
+    order_T = balanced_order(T, ways)
+    rows_bT = {"positions": np.broadcast_to(np.arange(T, dtype=np.int32), (b, T)), **rows_bT}
+    return {k: np.ascontiguousarray(x_bT[:, order_T]) for k, x_bT in rows_bT.items()}
+
+
 def _keep(qpos_BC, kpos_BS, qseg_BC, kseg_BS):
     """(B, C, S): the key is no later than the query and in its segment."""
     return ((kpos_BS[:, None, :] <= qpos_BC[:, :, None])
@@ -165,8 +176,7 @@ def attend_grads(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, bl
 def attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block):
     """Exact masked attention of these queries to these keys, (B, T, K, G, H) in q's
     dtype; the backward pass recomputes the scores a block at a time."""
-    o, _ = attend_with_lse(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block)
-    return o.astype(q_BTKGH.dtype)
+    return _attend_fwd(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, block)[0]
 
 
 def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, block):

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.context import balanced_order  # noqa: E402
+from models.context import balanced_rows  # noqa: E402
 from train import cli, errors, startup  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
@@ -50,12 +50,8 @@ def synthetic_batch(p: Plan, seed: int) -> dict:
     t = p.cfg.train
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, p.cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), np.int32)
-    ways = t.seq_len // p.batch_sharding.shard_shape(p.batch_shape)[2]
-    order_T = balanced_order(t.seq_len, ways)
-    entries = {"inputs": rows[:, :-1][:, order_T], "targets": rows[:, 1:][:, order_T]}
-    if ways > 1:
-        entries["positions"] = np.broadcast_to(order_T.astype(np.int32), entries["inputs"].shape)
-    return {k: jax.device_put(np.ascontiguousarray(x).reshape(p.batch_shape), p.batch_sharding)
+    entries = balanced_rows({"inputs": rows[:, :-1], "targets": rows[:, 1:]}, p.context_ways)
+    return {k: jax.device_put(x.reshape(p.batch_shape), p.batch_sharding)
             for k, x in entries.items()}
 
 

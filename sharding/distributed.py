@@ -137,7 +137,7 @@ def _start_lifeline(timeout_s: float) -> None:
         sys.stdout.flush()
         os._exit(1)
 
-    lifeline.start(state.client, me, n, host, timeout_s, lost)
+    lifeline.start(state.client, me, host, timeout_s, lost)
 
 
 class Joining:

@@ -29,7 +29,7 @@ _connections: list[socket.socket] = []
 _leaving = threading.Event()
 
 
-def start(client, me: int, n: int, host: str, timeout_s: float,
+def start(client, me: int, host: str, timeout_s: float,
           on_lost: Callable[[int, str], None]) -> None:
     """After jax.distributed.initialize: `client` is JAX's distributed runtime client."""
     if me == 0:

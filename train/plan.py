@@ -41,6 +41,11 @@ class Plan:
         return NamedSharding(self.mesh, sharding.logical_to_spec(
             (None, "batch", "act_length"), self.batch_shape, self.rules, self.mesh, "batch"))
 
+    @property
+    def context_ways(self) -> int:
+        """How many shards each sequence's length is split into (1: not split)."""
+        return context_ways(self.mesh, self.rules)
+
     def check_batches(self) -> None:
         check_batches(self.cfg, self.mesh, self.rules)
 
@@ -79,6 +84,10 @@ def check_batches(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
             "change the batch size or the mesh")
 
 
+def context_ways(mesh: Mesh, rules: sharding.rules.Rules) -> int:
+    return math.prod(mesh.shape[a] for a in rules["act_length"])
+
+
 def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
                   batches: bool) -> None:
     """A ConfigError for a `context` mesh axis nothing is split over, a sequence that
@@ -89,7 +98,7 @@ def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
         raise ConfigError(f"mesh.context={mesh.shape['context']} but sharding.rules "
                           f"{cfg.sharding.rules!r} splits nothing over it; use the "
                           "fsdp_cp or fsdp_tp_cp rules, or set mesh.context=1")
-    ways = math.prod(mesh.shape[a] for a in rules["act_length"])
+    ways = context_ways(mesh, rules)
     if ways == 1:
         return
     if batches and cfg.train.seq_len % (2 * ways):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding
 
-from models.context import balanced_order
+from models.context import balanced_rows
 from train.config import Config
 from train.data.packing import HostRows, PackedSequences
 from train.data.prepared import read_meta
@@ -40,14 +40,7 @@ def to_global(rows: dict[str, np.ndarray], cfg: Config, sharding: NamedSharding
     over a context axis, every entry is laid out in the load-balanced order
     (models/context.py) and the positions are given explicitly."""
     m, B, T = cfg.train.microbatches, cfg.train.batch_size, cfg.train.seq_len
-    ways = T // sharding.shard_shape((m, B // m, T))[2]
-    if ways > 1:
-        order_T = balanced_order(T, ways)
-        rows = dict(rows)
-        if "positions" not in rows:
-            b = next(iter(rows.values())).shape[0]
-            rows["positions"] = np.broadcast_to(np.arange(T, dtype=np.int32), (b, T))
-        rows = {k: x_bT[:, order_T] for k, x_bT in rows.items()}
+    rows = balanced_rows(rows, T // sharding.shard_shape((m, B // m, T))[2])
     out = {}
     for key, x_bT in rows.items():
         x_MbT = x_bT.reshape(m, x_bT.shape[0] // m, T)

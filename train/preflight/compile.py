@@ -47,7 +47,7 @@ def compile_step(cfg: Config, devices, hbm_bytes: int | None, target: str,
     p = plan(cfg, devices)
     mesh, t = p.mesh, cfg.train
     keys = batch_keys(cfg)
-    if p.batch_sharding.shard_shape(p.batch_shape)[2] < p.batch_shape[2]:  # context split
+    if p.context_ways > 1:
         keys["positions"] = "int32"  # the load-balanced layout's (train/data/batches.py)
     batch = {k: jax.ShapeDtypeStruct(p.batch_shape, dtype, sharding=p.batch_sharding)
              for k, dtype in keys.items()}
