@@ -79,9 +79,9 @@ def ids_axes(rules: Rules) -> MeshAxes:
 
 def rows_embed_axes(rules: Rules) -> MeshAxes:
     """The derived rule for "rows_embed", the d_model axis of rows looked up in an
-    embedding table: the table's "embed" axes less those the length takes (context
-    parallelism), so the rows can move to the (batch, length) layout by an all-to-all
-    (the table is gathered over the context axes first)."""
+    embedding table on their way from the table's layout to the activations': the
+    table's "embed" axes less those the length takes (context parallelism), so the rows
+    reach the (batch, length) layout by all-to-alls."""
     return tuple(a for a in rules["embed"] if a not in rules["act_length"])
 
 

@@ -4,6 +4,7 @@ training with the length split over `context` equal to the unsharded run."""
 import functools
 import importlib.util
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,12 @@ def test_the_ring_step_holds_no_array_of_the_whole_sequences_keys(devices):
     assert not any(w in hlo for w in whole), [w for w in whole if w in hlo]
     assert f",{T // 4},{K},{H}]" in hlo  # the blocks are there
     assert "collective-permute" in hlo
+    # the embedding is looked up in the table's own layout (D over fsdp x context): its
+    # backward pass scatter-adds into the table's shard, never a (V, D / fsdp) gradient
+    # gathered over context (then summed there)
+    V = cfg.model.vocab_size
+    scattered = set(re.findall(rf"= f32\[{V},(\d+)\]\S* scatter\(", hlo))
+    assert scattered == {str(cfg.model.d_model // 8)}, scattered
 
 
 def batches_for(cfg, p, masked):
