@@ -97,13 +97,12 @@ def embed(table_VD: jax.Array, ids_BT: jax.Array, dtype, constrain: Constrain,
     layout first ("rows_embed": D less the context axes), then to the batch layout: two
     all-to-alls of bf16 rows. Neither the table nor its fp32 gradient is ever gathered
     over the context axes (1.5 GiB per chip for Llama-3's 128k vocabulary)."""
-    if not _length_split(constrain):
-        table_VD = constrain(table_VD.astype(dtype), table_axes)
-        return constrain(jnp.take(table_VD, ids_BT, axis=0), ("*", "*", table_axes[1]))
+    split = _length_split(constrain)
     table_VD = constrain(table_VD.astype(dtype), table_axes)
-    ids_BT = constrain(ids_BT, ("act_ids", None))
+    if split:
+        ids_BT = constrain(ids_BT, ("act_ids", None))
     rows_BTD = constrain(jnp.take(table_VD, ids_BT, axis=0), ("*", "*", table_axes[1]))
-    return constrain(rows_BTD, ("*", "act_length", "rows_embed"))
+    return constrain(rows_BTD, ("*", "act_length", "rows_embed")) if split else rows_BTD
 
 
 def _length_split(constrain: Constrain) -> bool:
@@ -240,7 +239,7 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
         out_BTNH = cached_attention(q_BTNH, k_BSKH, v_BSKH, cache.slots(q_BTNH.shape[1]),
                                     cache.pad_B)
         return attention_out(p, out_BTNH, constrain), cache
-    if getattr(constrain, "ways", lambda _: 1)("act_length") > 1:  # context parallel
+    if _length_split(constrain):  # context parallel
         out_BTNH = context_attention(cfg.context_attention, q_BTNH, k_BTKH, v_BTKH,
                                      positions_BT, segment_ids_BT, cfg.attention_block,
                                      functools.partial(per_shard, constrain),
