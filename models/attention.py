@@ -1,5 +1,6 @@
-"""Exact causal attention computed a block of queries at a time, in plain JAX; the
-Pallas TPU splash kernel for TPUs; and attention over a KV cache (generation).
+"""Exact causal attention computed a block of queries at a time, in plain JAX (the
+Pallas TPU splash kernel is models/splash.py); and attention over a KV cache
+(generation).
 
 XLA's dot_product_attention materializes fp32 scores for every (query, key) pair:
 B x N x T x T, the largest activation of a layer at long sequences. Here the queries
@@ -87,42 +88,9 @@ def blocked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     return jnp.moveaxis(out_nBCKGH, 0, 1).reshape(B, T, N, H)
 
 
-SPLASH_BLOCK = 512  # queries and keys per kernel block (MaxText's default); 128 if T needs
-
-
 def splash_fits(length: int) -> bool:
-    """The TPU kernel tiles the sequence in blocks of 128 or more."""
+    """The TPU kernel (models/splash.py) tiles the sequence in blocks of 128 or more."""
     return length % 128 == 0
-
-
-def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                     segment_ids_BT: jax.Array | None = None, interpret: bool = False
-                     ) -> jax.Array:
-    """Causal attention by the Pallas TPU "splash" kernel (flash attention with a block-
-    sparse causal mask; grouped kv heads natively), for the arrays one device holds:
-    call it inside shard_map. `interpret` runs the kernel's Python on any backend (tests).
-    Same contract as blocked_attention."""
-    # imported here, where TPU runs use it: loading the Pallas TPU kernels takes every
-    # process that imports the model about half a second
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
-    B, T, N, H = q_BTNH.shape
-    b = SPLASH_BLOCK if T % SPLASH_BLOCK == 0 else 128
-    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                              block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
-                              block_kv_dq=b)
-    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((T, T))] * N),
-                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
-    q_BNTH = (q_BTNH * (1.0 / H ** 0.5)).astype(q_BTNH.dtype).transpose(0, 2, 1, 3)
-    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-    if segment_ids_BT is None:
-        out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH)
-    else:
-        out_BNTH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(
-            s, s)))(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT)
-    return out_BNTH.transpose(0, 2, 1, 3)
 
 
 def cached_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,

@@ -22,7 +22,9 @@ Two ways to attend across shards (`model.context_attention`):
 Inside a shard both use `attend`: exact attention a block of queries by a block of keys
 at a time (an online softmax over the key blocks) with a hand-written backward pass
 (flash attention's, in plain JAX), so the scores held at once are one block's,
-B x N x block x block, whatever the length.
+B x N x block x block, whatever the length. On TPUs all_gather runs the splash kernel
+instead (models/splash.py), its mask the causal mask in the load-balanced layout, so
+blocks with no visible key are skipped.
 
 Shapes: B batch, T local queries, S local keys, N query heads, K kv heads,
 G = N / K, H head size, C queries per block.
@@ -210,27 +212,61 @@ def ring_attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, axe
                      block)[0]
 
 
+def _visiting_half(axes, step, length):
+    """Where the half of the queries (and of the visiting block's keys) that meet
+    begins, `step` blocks round the ring. In the load-balanced layout shard i holds
+    chunks i and 2w-1-i: from an earlier shard j < i, both query chunks see the block's
+    first chunk j and none of its second; from a later one, only the second query chunk
+    sees anything, both of the block's chunks. So every off-diagonal step is two
+    half-by-half products: (second queries, first keys) always, and (first, first) or
+    (second, second), the pair beginning at the index returned (0 or length / 2). The
+    skipped quarters are masked entirely (positions rise along each document), so the
+    result is the same as attending to all of the block, at half the work."""
+    ways = jax.lax.axis_size(axes)
+    earlier = (jax.lax.axis_index(axes) - step) % ways < jax.lax.axis_index(axes)
+    return jnp.where(earlier, 0, length // 2)
+
+
+def _half(x, start, h):
+    return jax.lax.dynamic_slice_in_dim(x, start, h, axis=1)
+
+
 def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block):
     q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
     perm = _ring_perm(ways)
+    T = q.shape[1]
+    h = T // 2
 
-    def fold(o, lse, blk):
-        o_i, lse_i = attend_with_lse(q, *blk[:2], qpos, blk[2], qseg, blk[3], block)
-        new = jnp.logaddexp(lse, lse_i)
-        return o * jnp.exp(lse - new)[..., None] + o_i * jnp.exp(lse_i - new)[..., None], new
+    def merge(o, lse, start, blk, qs):
+        """(o, lse) of the queries qs (a slice at `start`) against blk folded in."""
+        o_i, lse_i = attend_with_lse(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3],
+                                     block)
+        o_s, lse_s = _half(o, start, o_i.shape[1]), _half(lse, start, o_i.shape[1])
+        new = jnp.logaddexp(lse_s, lse_i)
+        o_s = o_s * jnp.exp(lse_s - new)[..., None] + o_i * jnp.exp(lse_i - new)[..., None]
+        return (jax.lax.dynamic_update_slice_in_dim(o, o_s, start, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(lse, new, start, axis=1))
 
-    def step(carry, _):
+    def fold_visiting(o, lse, blk, step):
+        start = _visiting_half(axes, step, T)
+        o, lse = merge(o, lse, h, [x[:, :h] for x in blk], [x[:, h:] for x in (q, qpos, qseg)])
+        return merge(o, lse, start, [_half(x, start, h) for x in blk],
+                     [_half(x, start, h) for x in (q, qpos, qseg)])
+
+    def step_fn(carry, step):
         o, lse, blk = carry
         nxt = jax.lax.ppermute(blk, axes, perm)  # sent first: overlaps the compute
-        o, lse = fold(o, lse, blk)
+        o, lse = fold_visiting(o, lse, blk, step)
         return (o, lse, nxt), None
 
+    own = (k, v, kpos, kseg)
+    blk = jax.lax.ppermute(own, axes, perm)
     o = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
-    (o, lse, blk), _ = jax.lax.scan(step, (o, lse, (k, v, kpos, kseg)), None,
-                                    length=ways - 1)
-    o, lse = fold(o, lse, blk)
+    lse = jnp.full(q.shape[:-1], NEG, jnp.float32)
+    o, lse = merge(o, lse, 0, own, (q, qpos, qseg))  # the diagonal block: causal
+    (o, lse, blk), _ = jax.lax.scan(step_fn, (o, lse, blk), jnp.arange(1, ways - 1))
+    o, lse = fold_visiting(o, lse, blk, ways - 1)
     o = o.astype(q.dtype)
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
@@ -249,23 +285,40 @@ def _ring_bwd(axes, block, res, do):
     ways = jax.lax.axis_size(axes)
     perm = _ring_perm(ways)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    T = q.shape[1]
+    h = T // 2
+    queries = (q, qpos, qseg, do, lse, delta)
 
-    def grads(dq, blk, dk, dv):
-        dq_i, dk_i, dv_i = attend_grads(q, blk[0], blk[1], qpos, blk[2], qseg, blk[3], block,
-                                        do, lse, delta)
-        return dq + dq_i, dk + dk_i, dv + dv_i
+    def add(x, start, dx):
+        return jax.lax.dynamic_update_slice_in_dim(
+            x, _half(x, start, dx.shape[1]) + dx, start, axis=1)
 
-    def step(carry, _):
+    def grads(dq, dk, dv, qstart, qs, kstart, blk):
+        """Gradients of the queries qs (a slice at qstart) against blk (a slice of the
+        visiting block at kstart), added in."""
+        dq_i, dk_i, dv_i = attend_grads(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3],
+                                        block, *qs[3:])
+        return add(dq, qstart, dq_i), add(dk, kstart, dk_i), add(dv, kstart, dv_i)
+
+    def grads_visiting(dq, dk, dv, blk, step):
+        start = _visiting_half(axes, step, T)
+        dq, dk, dv = grads(dq, dk, dv, h, [x[:, h:] for x in queries], 0,
+                           [x[:, :h] for x in blk])
+        return grads(dq, dk, dv, start, [_half(x, start, h) for x in queries], start,
+                     [_half(x, start, h) for x in blk])
+
+    def step_fn(carry, step):
         dq, blk, dk, dv = carry
-        dq, dk, dv = grads(dq, blk, dk, dv)
+        dq, dk, dv = grads_visiting(dq, dk, dv, blk, step)
         blk, dk, dv = jax.lax.ppermute((blk, dk, dv), axes, perm)
         return (dq, blk, dk, dv), None
 
+    own = (k, v, kpos, kseg)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    (dq, blk, dk, dv), _ = jax.lax.scan(step, (dq, (k, v, kpos, kseg), zeros, zeros), None,
-                                        length=ways - 1)
-    dq, dk, dv = grads(dq, blk, dk, dv)
+    dq, dk, dv = grads(jnp.zeros(q.shape, jnp.float32), zeros, zeros, 0, queries, 0, own)
+    blk, dk, dv = jax.lax.ppermute((own, dk, dv), axes, perm)
+    (dq, blk, dk, dv), _ = jax.lax.scan(step_fn, (dq, blk, dk, dv), jnp.arange(1, ways - 1))
+    dq, dk, dv = grads_visiting(dq, dk, dv, blk, ways - 1)
     dk, dv = jax.lax.ppermute((dk, dv), axes, perm)  # the last block's gradients home
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
             None)
@@ -274,21 +327,49 @@ def _ring_bwd(axes, block, res, do):
 ring_attend.defvjp(_ring_fwd, _ring_bwd)
 
 
+def gather_length(x_BT, axes):
+    """Every shard's x (B, T, ...) along the length, in the layout's order (inside
+    shard_map), gathered as a flat (T, rest) array. For the splash kernel's keys: XLA on
+    TPUs turned the gradient of their gather along axis 1 (a reduce-scatter) into an
+    all-reduce, twice the bytes (Llama-3-8B, 32k: 53.5 vs 49.7 GiB per step). Blocked
+    attention's gather stays along axis 1: flat, its gradients became all-reduces
+    (53.7 vs 51.6 GiB)."""
+    x_T_ = jnp.moveaxis(x_BT, 1, 0)
+    x_Tr = jax.lax.all_gather(x_T_.reshape(x_T_.shape[0], -1), axes, axis=0, tiled=True)
+    return jnp.moveaxis(x_Tr.reshape(-1, *x_T_.shape[1:]), 0, 1)
+
+
 def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT,
-                      block: int, per_shard, axes: tuple[str, ...]):
+                      block: int, per_shard, axes: tuple[str, ...], ways: int,
+                      kernel: str = "blocked", interpret: bool = False):
     """Causal attention of length-sharded q, k, v (B, T, N|K, H) laid out by the logical
-    axes; `per_shard(fn, args, logical_axes)` runs fn on each device's shards."""
+    axes, split `ways` over the mesh axes `axes`; `per_shard(fn, args, logical_axes)`
+    runs fn on each device's shards. Inside a shard, `kernel` is `blocked` (`attend`)
+    or, for all_gather, `splash` (models/splash.py: the TPU kernel, block-sparse over
+    the load-balanced causal mask; `interpret` runs it off TPUs, for tests)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
+    masked = segment_ids_BT is not None
     seg_BT = (jnp.zeros((B, T), jnp.int32) if segment_ids_BT is None
               else segment_ids_BT.astype(jnp.int32))
     pos_BT = positions_BT.astype(jnp.int32)
     q_ax = ("batch", "act_length", "act_heads", None)
     kv_ax = ("batch", "act_length", "act_kv_heads", None)
     tok_ax = ("batch", "act_length")
+    tables, tables_ax, treedef = [], [], None
+    if kernel == "splash":  # the mask's tables split with the queries
+        from models import splash
+        tables, treedef = jax.tree.flatten(splash.make_kernel(
+            splash.BalancedCausalMask(T, ways), N, ways, interpret))
+        tables_ax = [(None, "act_length", None) if x.ndim == 3 else ("act_length",)
+                     for x in tables]
 
-    def local(q, k, v, qpos, kpos, qseg, kseg):
+    def local(q, k, v, qpos, kpos, qseg, kseg, *tables):
         b, t = q.shape[:2]
+        if kernel == "splash":  # positions unused: the mask knows the layout
+            k, v, kseg = (gather_length(x, axes) for x in (k, v, kseg))
+            return splash.attend(jax.tree.unflatten(treedef, tables), q, k, v,
+                                 *((qseg, kseg) if masked else ()))
         q_BTKGH = q.reshape(b, t, k.shape[2], N // K, H)
         if mode == "ring":
             o = ring_attend(q_BTKGH, k, v, qpos, kpos, qseg, kseg, axes, block)
@@ -299,5 +380,5 @@ def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_i
         return o.reshape(q.shape)
 
     # the gathers run inside: their gradients are reduce-scattered back to the shards
-    return per_shard(local, (q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, seg_BT, seg_BT),
-                     (q_ax, kv_ax, kv_ax, tok_ax, tok_ax, tok_ax, tok_ax))
+    return per_shard(local, (q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, seg_BT, seg_BT, *tables),
+                     (q_ax, kv_ax, kv_ax, tok_ax, tok_ax, tok_ax, tok_ax, *tables_ax))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from models.attention import blocked_attention, cached_attention, splash_attention, splash_fits
+from models.attention import blocked_attention, cached_attention, splash_fits
 from models.config import ModelConfig
 from models.context import context_attention
 
@@ -183,6 +183,14 @@ def attention_impl(cfg: ModelConfig, platform: str, length: int) -> str:
     return "splash" if platform == "tpu" and splash_fits(length) else "blocked"
 
 
+def context_kernel(cfg: ModelConfig, platform: str, chunk: int) -> str:
+    """Attention inside a shard of a context-split sequence (chunks of `chunk` tokens):
+    the splash kernel for all_gather where `auto` picks it (TPUs) or it is asked for,
+    blocked attention otherwise (ring, GPUs, CPUs)."""
+    splash = cfg.context_attention == "all_gather" and splash_fits(chunk)
+    return "splash" if splash and attention_impl(cfg, platform, chunk) == "splash" else "blocked"
+
+
 def per_shard(constrain: Constrain, fn: Callable, args: Sequence[jax.Array],
               logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
     """fn on each device's shard (the caller's mesh; see ActivationSharding.per_shard), or
@@ -239,19 +247,23 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
         out_BTNH = cached_attention(q_BTNH, k_BSKH, v_BSKH, cache.slots(q_BTNH.shape[1]),
                                     cache.pad_B)
         return attention_out(p, out_BTNH, constrain), cache
+    platform = getattr(constrain, "platform", jax.default_backend())
     if _length_split(constrain):  # context parallel
+        ways = constrain.ways("act_length")
+        kernel = context_kernel(cfg, platform, q_BTNH.shape[1] // (2 * ways))
         out_BTNH = context_attention(cfg.context_attention, q_BTNH, k_BTKH, v_BTKH,
                                      positions_BT, segment_ids_BT, cfg.attention_block,
                                      functools.partial(per_shard, constrain),
-                                     constrain.mesh_axes("act_length"))
+                                     constrain.mesh_axes("act_length"), ways, kernel,
+                                     interpret=platform != "tpu")
         return attention_out(p, out_BTNH, constrain), None
-    platform = getattr(constrain, "platform", jax.default_backend())
     impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":
         impl = "blocked"  # the cuDNN path is not verified with masks here
     if impl == "splash":  # a kernel per device: batch and heads split, whole sequences
         args = [q_BTNH, k_BTKH, v_BTKH] + ([] if segment_ids_BT is None else [segment_ids_BT])
         axes = [("batch", None, "act_heads", None)] + [("batch", None, "act_kv_heads", None)] * 2
+        from models.splash import splash_attention
         interpret = platform != "tpu"  # the kernel's Python on other backends (tests)
         out_BTNH = per_shard(constrain, lambda q, k, v, *s: splash_attention(
             q, k, v, s[0] if s else None, interpret), args, axes + [("batch", None)])

@@ -149,6 +149,59 @@ def batches_for(cfg, p, masked):
     return out
 
 
+def test_the_splash_mask_knows_the_balanced_layout():
+    """The kernel's in-kernel index arithmetic equals balanced_order (up to 128k tokens,
+    16 ways), and the mask equals the causal mask permuted into the layout."""
+    from models.splash import BalancedCausalMask, original_index
+    for length, ways in [(1024, 4), (4096, 2), (131072, 16)]:
+        x = np.arange(length, dtype=np.int32)
+        np.testing.assert_array_equal(original_index(x, length // (2 * ways), ways),
+                                      balanced_order(length, ways))
+    mask = BalancedCausalMask(1024, 4)
+    order = balanced_order(1024, 4)
+    want = order[None, :] <= order[:, None]
+    np.testing.assert_array_equal(mask[:, :], want)
+    np.testing.assert_array_equal(mask.mask_function(order[:, None], np.arange(1024)[None]), want)
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=ONCE), True],
+                         ids=["causal", "documents"])
+def test_splash_all_gather_attention_equals_dense(devices, masked):
+    """The splash kernel (interpreted) on 4 context shards, its mask tables split with
+    the queries: values and gradients of dense attention, grouped kv heads."""
+    from models.context import context_attention
+    from models.layers import per_shard
+    mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
+    constrain = sharding.ActivationSharding.create(mesh, {"act_length": ("context",), "batch": (),
+                                                          "act_heads": (), "act_kv_heads": ()})
+    B, L, N, K, H = 1, 1024, 4, 2, 64
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (B, L, N, H))
+    k = jax.random.normal(keys[1], (B, L, K, H))
+    v = jax.random.normal(keys[2], (B, L, K, H))
+    dout = jax.random.normal(keys[3], (B, L, N, H))
+    seg, pos = documents(B, L, 3) if masked else (
+        np.zeros((B, L), np.int32), np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
+    order, inverse = balanced_order(L, 4), np.argsort(balanced_order(L, 4))
+
+    def ref_loss(q, k, v):
+        return jnp.sum(dense_reference(q, k, v, jnp.asarray(pos), jnp.asarray(seg)) * dout)
+
+    def loss(q, k, v):
+        lay = lambda x: jnp.asarray(x)[:, order]  # noqa: E731
+        out = context_attention("all_gather", lay(q), lay(k), lay(v), lay(pos),
+                                lay(seg) if masked else None, 128,
+                                functools.partial(per_shard, constrain), ("context",), 4,
+                                "splash", interpret=True)
+        return jnp.sum(out[:, inverse] * dout)
+
+    ref, ref_grads = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def train_three_steps(cfg):
     """{masked: (first loss, its gradients, three steps' losses)}, one compile each of
     the gradient and the train step for both kinds of batch."""
@@ -192,6 +245,25 @@ def test_context_parallel_training_equals_the_unsharded_run(devices, mesh, mode)
     """Causal batches and packed documents (document masking) alike."""
     cfg = small_config(*BASE, *MESHES[mesh], f"model.context_attention={mode}")
     got, want = train_three_steps(cfg), reference_run()
+    for masked in (False, True):
+        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
+        scale = max(np.abs(r).max() for r in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@ONCE
+def test_splash_context_training_equals_the_unsharded_run(devices):
+    """all_gather with the splash kernel (interpreted) inside the shards, heads split
+    over `model` too: causal batches and packed documents train as on one device with
+    blocked attention."""
+    long = ("train.seq_len=512", "model.max_seq_len=512", "model.attention_block=128",
+            "train.batch_size=4", "optimizer.warmup_steps=1")
+    want = train_three_steps(small_config(*long, "mesh.fsdp=1"))
+    got = train_three_steps(small_config(*long, *MESHES["context2_model2_fsdp2"],
+                                         "model.attention=splash"))
     for masked in (False, True):
         (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
@@ -250,7 +322,12 @@ def test_a_context_parallel_checkpoint_continues_on_one_context_way_and_generate
      "'fsdp' splits nothing over it; use the fsdp_cp or fsdp_tp_cp rules"),
     (("mesh.fsdp=1", "mesh.context=4", "sharding.rules=fsdp_cp"),
      "error: mesh (data=1, fsdp=1, context=4, model=1) needs 4 devices but 8 exist"),
-], ids=["length", "ring-cudnn", "rules", "devices"])
+    (("mesh.context=4", "sharding.rules=fsdp_cp", "model.context_attention=ring",
+      "model.attention=splash"), "error: model.attention=splash with "
+     "model.context_attention=ring"),
+    (("mesh.context=4", "sharding.rules=fsdp_cp", "model.attention=splash",
+      "train.seq_len=128"), "error: model.attention=splash needs chunks of a multiple of 128"),
+], ids=["length", "ring-cudnn", "rules", "devices", "ring-splash", "splash-chunk"])
 @ONCE
 def test_bad_context_settings_fail_with_one_line_and_exit_2(overrides, message):
     from helpers import run_cli
@@ -279,6 +356,24 @@ def test_tpu_preflight_of_the_ring_sends_blocks_asynchronously(tmp_path):
     report = json.loads(out.read_text())
     assert any(c["op"] == "collective-permute" and c["axes"] == "context"
                for c in report["collectives"]), report["collectives"]
+
+
+@ONCE
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_tpu_preflight_of_all_gather_runs_the_splash_kernel(tmp_path):
+    """Compiled for a v5e 2x2 slice, all_gather's attention inside a shard is the splash
+    kernel (model.attention=auto), forward and both backward kernels."""
+    from helpers import run_cli
+    hlo = tmp_path / "step.hlo"
+    r = run_cli("--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null",
+                "--topology", "v5e:2x2", "mesh.fsdp=1", "mesh.context=4",
+                "sharding.rules=fsdp_cp", "train.seq_len=1024", "model.max_seq_len=1024",
+                "train.batch_size=4", "--hlo", str(hlo), module="train.compile")
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = hlo.read_text()
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert kernel in text, kernel
 
 
 @ONCE

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from models import ModelConfig, Transformer, count_params
-from models.attention import blocked_attention, num_blocks, splash_attention
+from models.attention import blocked_attention, num_blocks
 from models.layers import attention_impl
 from train.config import load_config
 
@@ -74,6 +74,8 @@ def test_splash_kernel_matches_blocked_attention(segments):
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a) * probe)
+
+    from models.splash import splash_attention
 
     def splash(q, k, v):
         return splash_attention(q, k, v, seg, interpret=True)

@@ -105,6 +105,15 @@ def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} does not divide by 2 x the "
                           f"{ways} context ways (load balancing holds two chunks per "
                           f"shard); pick a length that is a multiple of {2 * ways}")
+    chunk = cfg.train.seq_len // (2 * ways)
+    if cfg.model.attention == "splash" and cfg.model.context_attention == "ring":
+        raise ConfigError("model.attention=splash with model.context_attention=ring: the "
+                          "ring runs blocked attention inside each shard; use "
+                          "model.attention=auto or context_attention=all_gather")
+    if cfg.model.attention == "splash" and batches and chunk % 128:
+        raise ConfigError(f"model.attention=splash needs chunks of a multiple of 128 tokens "
+                          f"(train.seq_len / (2 x {ways} context ways) = {chunk}); pick "
+                          f"train.seq_len a multiple of {256 * ways} or model.attention=auto")
     if cfg.model.context_attention == "ring" and cfg.model.attention == "cudnn":
         raise ConfigError("model.context_attention=ring needs each block's log-sum-exp, "
                           "which cuDNN's attention does not return; use "
