@@ -132,6 +132,55 @@ def test_the_ring_step_holds_no_array_of_the_whole_sequences_keys(devices):
     assert scattered == {str(cfg.model.d_model // 8)}, scattered
 
 
+def matmul_flops(jaxpr) -> int:
+    """2 x the multiply-adds of every dot_general in a jaxpr, loops counted as many
+    times as they run (XLA's cost analysis counts a loop body once)."""
+    total = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            (contract, _), _ = e.params["dimension_numbers"]
+            size = np.prod([e.invars[0].aval.shape[d] for d in contract])
+            total += 2 * int(np.prod(e.outvars[0].aval.shape)) * int(size)
+        times = e.params.get("length", 1) if e.primitive.name == "scan" else 1
+        for v in e.params.values():
+            for inner in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    total += times * matmul_flops(inner)
+    return total
+
+
+def test_the_ring_skips_the_quarters_of_a_visiting_block_that_are_masked(devices):
+    """Forward and backward, a ring over 4 shards computes 1 + 3 / 2 blocks' worth of
+    query-key products per shard (its own block, half of each visiting one), against
+    all_gather's 4: 0.625 of the work (1.0 without the skip)."""
+    mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
+    B, N, K, H = 1, 4, 2, 8
+    x = jnp.zeros((B, T, N, H))
+    kv, ids = jnp.zeros((B, T, K, H)), jnp.zeros((B, T), jnp.int32)
+
+    def flops(mode):
+        def local(q, k, v, pos, seg):
+            q5 = q.reshape(*q.shape[:2], K, N // K, H)
+            if mode == "ring":
+                o = ring_attend(q5, k, v, pos, pos, seg, seg, "context", BLOCK)
+            else:
+                kk, vv, kpos, kseg = (jax.lax.all_gather(a, "context", axis=1, tiled=True)
+                                      for a in (k, v, pos, seg))
+                o = attend(q5, kk, vv, pos, kpos, seg, kseg, BLOCK)
+            return o.reshape(q.shape)
+
+        fn = jax.shard_map(local, mesh=mesh, in_specs=P(None, "context"),
+                           out_specs=P(None, "context"), check_vma=False)
+        fwd = matmul_flops(jax.make_jaxpr(fn)(x, kv, kv, ids, ids).jaxpr)
+        grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, ids, ids)), argnums=(0, 1, 2))
+        return fwd, matmul_flops(jax.make_jaxpr(grad)(x, kv, kv).jaxpr)
+
+    (ring_fwd, ring_all), (gather_fwd, gather_all) = flops("ring"), flops("all_gather")
+    assert ring_fwd == pytest.approx(0.625 * gather_fwd, rel=0.02), (ring_fwd, gather_fwd)
+    assert ring_all == pytest.approx(0.625 * gather_all, rel=0.02), (ring_all, gather_all)
+
+
 def batches_for(cfg, p, masked):
     """Three global batches laid out for plan `p` (the load-balanced order when the
     length is split), the same rows whatever the mesh. Unmasked batches are one
