@@ -22,9 +22,9 @@ Two ways to attend across shards (`model.context_attention`):
 Inside a shard both use `attend`: exact attention a block of queries by a block of keys
 at a time (an online softmax over the key blocks) with a hand-written backward pass
 (flash attention's, in plain JAX), so the scores held at once are one block's,
-B x N x block x block, whatever the length. On TPUs all_gather runs the splash kernel
-instead (models/splash.py), its mask the causal mask in the load-balanced layout, so
-blocks with no visible key are skipped.
+B x N x block x block, whatever the length. On TPUs both run the splash kernel instead
+(models/splash.py): all_gather with the causal mask in the load-balanced layout (blocks
+with no visible key skipped), the ring for each of its products.
 
 Shapes: B batch, T local queries, S local keys, N query heads, K kv heads,
 G = N / K, H head size, C queries per block.
@@ -204,12 +204,42 @@ def _ring_perm(ways: int) -> list[tuple[int, int]]:
     return [(j, (j + 1) % ways) for j in range(ways)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def ring_attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, axes, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def ring_attend(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, axes, block,
+                kernel="blocked", interpret=False):
     """`attend` of this shard's queries to every shard's keys, the key/value blocks
-    passed around the ring of `axes` (inside shard_map)."""
+    passed around the ring of `axes` (inside shard_map). Each product is computed by
+    `kernel`: blocked (`attend_with_lse`, `attend_grads`) or splash (the TPU kernel,
+    models/splash.py; `interpret` off TPUs)."""
     return _ring_fwd(q_BTKGH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, qseg_BT, kseg_BS, axes,
-                     block)[0]
+                     block, kernel, interpret)[0]
+
+
+def _products(kernel, block, length, heads, interpret):
+    """(forward, backward) of one ring product of queries qs = (q, qpos, qseg, do, lse,
+    delta, o) (the backward's first three for the forward) against a block (k, v,
+    kpos, kseg); `own` marks the shard's own block (a causal product of whole shards,
+    the others are half by half and unmasked but for documents)."""
+    if kernel == "splash":
+        from models import splash
+        own_kernel, half_kernel = splash.ring_kernels(length, heads, interpret)
+
+        def fwd(qs, blk, own):
+            return splash.ring_attend_with_lse(own_kernel if own else half_kernel, qs[0],
+                                               blk[0], blk[1], qs[2], blk[3])
+
+        def bwd(qs, blk, own):
+            return splash.ring_attend_grads(own_kernel if own else half_kernel, qs[0],
+                                            blk[0], blk[1], qs[2], blk[3], qs[3], qs[4], qs[6])
+        return fwd, bwd
+
+    def fwd(qs, blk, own):
+        return attend_with_lse(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3], block)
+
+    def bwd(qs, blk, own):
+        return attend_grads(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3], block,
+                            *qs[3:6])
+    return fwd, bwd
 
 
 def _visiting_half(axes, step, length):
@@ -231,17 +261,17 @@ def _half(x, start, h):
     return jax.lax.dynamic_slice_in_dim(x, start, h, axis=1)
 
 
-def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block):
+def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block, kernel, interpret):
     q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
     perm = _ring_perm(ways)
     T = q.shape[1]
     h = T // 2
+    product, _ = _products(kernel, block, T, q.shape[2] * q.shape[3], interpret)
 
-    def merge(o, lse, start, blk, qs):
+    def merge(o, lse, start, blk, qs, own=False):
         """(o, lse) of the queries qs (a slice at `start`) against blk folded in."""
-        o_i, lse_i = attend_with_lse(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3],
-                                     block)
+        o_i, lse_i = product(qs, blk, own)
         o_s, lse_s = _half(o, start, o_i.shape[1]), _half(lse, start, o_i.shape[1])
         new = jnp.logaddexp(lse_s, lse_i)
         o_s = o_s * jnp.exp(lse_s - new)[..., None] + o_i * jnp.exp(lse_i - new)[..., None]
@@ -264,7 +294,7 @@ def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block):
     blk = jax.lax.ppermute(own, axes, perm)
     o = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full(q.shape[:-1], NEG, jnp.float32)
-    o, lse = merge(o, lse, 0, own, (q, qpos, qseg))  # the diagonal block: causal
+    o, lse = merge(o, lse, 0, own, (q, qpos, qseg), own=True)  # the diagonal: causal
     (o, lse, blk), _ = jax.lax.scan(step_fn, (o, lse, blk), jnp.arange(1, ways - 1))
     o, lse = fold_visiting(o, lse, blk, ways - 1)
     o = o.astype(q.dtype)
@@ -279,7 +309,7 @@ def _tied(q, *ints):
     return jax.lax.optimization_barrier((q, *ints))
 
 
-def _ring_bwd(axes, block, res, do):
+def _ring_bwd(axes, block, kernel, interpret, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
@@ -287,17 +317,17 @@ def _ring_bwd(axes, block, res, do):
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
     T = q.shape[1]
     h = T // 2
-    queries = (q, qpos, qseg, do, lse, delta)
+    queries = (q, qpos, qseg, do, lse, delta, o)
+    _, product_grads = _products(kernel, block, T, q.shape[2] * q.shape[3], interpret)
 
     def add(x, start, dx):
         return jax.lax.dynamic_update_slice_in_dim(
             x, _half(x, start, dx.shape[1]) + dx, start, axis=1)
 
-    def grads(dq, dk, dv, qstart, qs, kstart, blk):
+    def grads(dq, dk, dv, qstart, qs, kstart, blk, own=False):
         """Gradients of the queries qs (a slice at qstart) against blk (a slice of the
         visiting block at kstart), added in."""
-        dq_i, dk_i, dv_i = attend_grads(qs[0], blk[0], blk[1], qs[1], blk[2], qs[2], blk[3],
-                                        block, *qs[3:])
+        dq_i, dk_i, dv_i = product_grads(qs, blk, own)
         return add(dq, qstart, dq_i), add(dk, kstart, dk_i), add(dv, kstart, dv_i)
 
     def grads_visiting(dq, dk, dv, blk, step):
@@ -315,7 +345,8 @@ def _ring_bwd(axes, block, res, do):
 
     own = (k, v, kpos, kseg)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dq, dk, dv = grads(jnp.zeros(q.shape, jnp.float32), zeros, zeros, 0, queries, 0, own)
+    dq, dk, dv = grads(jnp.zeros(q.shape, jnp.float32), zeros, zeros, 0, queries, 0, own,
+                       own=True)
     blk, dk, dv = jax.lax.ppermute((own, dk, dv), axes, perm)
     (dq, blk, dk, dv), _ = jax.lax.scan(step_fn, (dq, blk, dk, dv), jnp.arange(1, ways - 1))
     dq, dk, dv = grads_visiting(dq, dk, dv, blk, ways - 1)
@@ -345,8 +376,8 @@ def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_i
     """Causal attention of length-sharded q, k, v (B, T, N|K, H) laid out by the logical
     axes, split `ways` over the mesh axes `axes`; `per_shard(fn, args, logical_axes)`
     runs fn on each device's shards. Inside a shard, `kernel` is `blocked` (`attend`)
-    or, for all_gather, `splash` (models/splash.py: the TPU kernel, block-sparse over
-    the load-balanced causal mask; `interpret` runs it off TPUs, for tests)."""
+    or `splash` (models/splash.py, the TPU kernel; for all_gather block-sparse over the
+    load-balanced causal mask; `interpret` runs it off TPUs, for tests)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     masked = segment_ids_BT is not None
@@ -357,7 +388,8 @@ def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_i
     kv_ax = ("batch", "act_length", "act_kv_heads", None)
     tok_ax = ("batch", "act_length")
     tables, tables_ax, treedef = [], [], None
-    if kernel == "splash":  # the mask's tables split with the queries
+    gathered_splash = kernel == "splash" and mode == "all_gather"
+    if gathered_splash:  # the mask's tables split with the queries
         from models import splash
         tables, treedef = jax.tree.flatten(splash.make_kernel(
             splash.BalancedCausalMask(T, ways), N, ways, interpret))
@@ -366,13 +398,14 @@ def context_attention(mode: str, q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_i
 
     def local(q, k, v, qpos, kpos, qseg, kseg, *tables):
         b, t = q.shape[:2]
-        if kernel == "splash":  # positions unused: the mask knows the layout
+        if gathered_splash:  # positions unused: the mask knows the layout
             k, v, kseg = (gather_length(x, axes) for x in (k, v, kseg))
             return splash.attend(jax.tree.unflatten(treedef, tables), q, k, v,
                                  *((qseg, kseg) if masked else ()))
         q_BTKGH = q.reshape(b, t, k.shape[2], N // K, H)
         if mode == "ring":
-            o = ring_attend(q_BTKGH, k, v, qpos, kpos, qseg, kseg, axes, block)
+            o = ring_attend(q_BTKGH, k, v, qpos, kpos, qseg, kseg, axes, block, kernel,
+                            interpret)
         else:  # all_gather: every shard's keys, in the layout's order (masks use positions)
             k, v, kpos, kseg = (jax.lax.all_gather(x, axes, axis=1, tiled=True)
                                 for x in (k, v, kpos, kseg))

@@ -185,10 +185,10 @@ def attention_impl(cfg: ModelConfig, platform: str, length: int) -> str:
 
 def context_kernel(cfg: ModelConfig, platform: str, chunk: int) -> str:
     """Attention inside a shard of a context-split sequence (chunks of `chunk` tokens):
-    the splash kernel for all_gather where `auto` picks it (TPUs) or it is asked for,
-    blocked attention otherwise (ring, GPUs, CPUs)."""
-    splash = cfg.context_attention == "all_gather" and splash_fits(chunk)
-    return "splash" if splash and attention_impl(cfg, platform, chunk) == "splash" else "blocked"
+    the splash kernel where `auto` picks it (TPUs) or it is asked for, blocked attention
+    otherwise (GPUs, CPUs)."""
+    splash = splash_fits(chunk) and attention_impl(cfg, platform, chunk) == "splash"
+    return "splash" if splash else "blocked"
 
 
 def per_shard(constrain: Constrain, fn: Callable, args: Sequence[jax.Array],

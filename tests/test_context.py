@@ -215,9 +215,12 @@ def test_the_splash_mask_knows_the_balanced_layout():
 
 @pytest.mark.parametrize("masked", [pytest.param(False, marks=ONCE), True],
                          ids=["causal", "documents"])
-def test_splash_all_gather_attention_equals_dense(devices, masked):
-    """The splash kernel (interpreted) on 4 context shards, its mask tables split with
-    the queries: values and gradients of dense attention, grouped kv heads."""
+@pytest.mark.parametrize("mode", ["all_gather", "ring"])
+def test_splash_context_attention_equals_dense(devices, masked, mode):
+    """The splash kernel (interpreted) on 4 context shards: all_gather's mask tables
+    split with the queries, the ring's products each a kernel call and their gradients
+    the kernel's backward pass against the final output and log-sum-exp. Values and
+    gradients of dense attention, grouped kv heads."""
     from models.context import context_attention
     from models.layers import per_shard
     mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
@@ -238,7 +241,7 @@ def test_splash_all_gather_attention_equals_dense(devices, masked):
 
     def loss(q, k, v):
         lay = lambda x: jnp.asarray(x)[:, order]  # noqa: E731
-        out = context_attention("all_gather", lay(q), lay(k), lay(v), lay(pos),
+        out = context_attention(mode, lay(q), lay(k), lay(v), lay(pos),
                                 lay(seg) if masked else None, 128,
                                 functools.partial(per_shard, constrain), ("context",), 4,
                                 "splash", interpret=True)
@@ -303,16 +306,24 @@ def test_context_parallel_training_equals_the_unsharded_run(devices, mesh, mode)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
 
 
+SPLASH_LONG = ("train.seq_len=512", "model.max_seq_len=512", "model.attention_block=128",
+               "train.batch_size=4", "optimizer.warmup_steps=1")
+
+
+@functools.lru_cache(maxsize=None)
+def splash_reference_run():
+    return train_three_steps(small_config(*SPLASH_LONG, "mesh.fsdp=1"))
+
+
 @ONCE
-def test_splash_context_training_equals_the_unsharded_run(devices):
-    """all_gather with the splash kernel (interpreted) inside the shards, heads split
-    over `model` too: causal batches and packed documents train as on one device with
-    blocked attention."""
-    long = ("train.seq_len=512", "model.max_seq_len=512", "model.attention_block=128",
-            "train.batch_size=4", "optimizer.warmup_steps=1")
-    want = train_three_steps(small_config(*long, "mesh.fsdp=1"))
-    got = train_three_steps(small_config(*long, *MESHES["context2_model2_fsdp2"],
-                                         "model.attention=splash"))
+@pytest.mark.parametrize("mode", ["all_gather", "ring"])
+def test_splash_context_training_equals_the_unsharded_run(devices, mode):
+    """The splash kernel (interpreted) inside the shards, heads split over `model` too:
+    causal batches and packed documents train as on one device with blocked attention."""
+    want = splash_reference_run()
+    got = train_three_steps(small_config(*SPLASH_LONG, *MESHES["context2_model2_fsdp2"],
+                                         "model.attention=splash",
+                                         f"model.context_attention={mode}"))
     for masked in (False, True):
         (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
@@ -371,12 +382,9 @@ def test_a_context_parallel_checkpoint_continues_on_one_context_way_and_generate
      "'fsdp' splits nothing over it; use the fsdp_cp or fsdp_tp_cp rules"),
     (("mesh.fsdp=1", "mesh.context=4", "sharding.rules=fsdp_cp"),
      "error: mesh (data=1, fsdp=1, context=4, model=1) needs 4 devices but 8 exist"),
-    (("mesh.context=4", "sharding.rules=fsdp_cp", "model.context_attention=ring",
-      "model.attention=splash"), "error: model.attention=splash with "
-     "model.context_attention=ring"),
     (("mesh.context=4", "sharding.rules=fsdp_cp", "model.attention=splash",
       "train.seq_len=128"), "error: model.attention=splash needs chunks of a multiple of 128"),
-], ids=["length", "ring-cudnn", "rules", "devices", "ring-splash", "splash-chunk"])
+], ids=["length", "ring-cudnn", "rules", "devices", "splash-chunk"])
 @ONCE
 def test_bad_context_settings_fail_with_one_line_and_exit_2(overrides, message):
     from helpers import run_cli
@@ -410,15 +418,17 @@ def test_tpu_preflight_of_the_ring_sends_blocks_asynchronously(tmp_path):
 @ONCE
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install -e '.[tpu]')")
-def test_tpu_preflight_of_all_gather_runs_the_splash_kernel(tmp_path):
-    """Compiled for a v5e 2x2 slice, all_gather's attention inside a shard is the splash
-    kernel (model.attention=auto), forward and both backward kernels."""
+@pytest.mark.parametrize("mode", ["all_gather", "ring"])
+def test_tpu_preflight_runs_the_splash_kernel_inside_the_shards(tmp_path, mode):
+    """Compiled for a v5e 2x2 slice, attention inside a shard is the splash kernel
+    (model.attention=auto), forward and both backward kernels."""
     from helpers import run_cli
     hlo = tmp_path / "step.hlo"
     r = run_cli("--config", "configs/tiny.yaml", "data.source=synthetic", "compile_cache_dir=null",
                 "--topology", "v5e:2x2", "mesh.fsdp=1", "mesh.context=4",
                 "sharding.rules=fsdp_cp", "train.seq_len=1024", "model.max_seq_len=1024",
-                "train.batch_size=4", "--hlo", str(hlo), module="train.compile")
+                f"model.context_attention={mode}", "train.batch_size=4", "--hlo", str(hlo),
+                module="train.compile")
     assert r.returncode == 0, r.stderr[-3000:]
     text = hlo.read_text()
     for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):

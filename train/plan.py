@@ -106,10 +106,6 @@ def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
                           f"{ways} context ways (load balancing holds two chunks per "
                           f"shard); pick a length that is a multiple of {2 * ways}")
     chunk = cfg.train.seq_len // (2 * ways)
-    if cfg.model.attention == "splash" and cfg.model.context_attention == "ring":
-        raise ConfigError("model.attention=splash with model.context_attention=ring: the "
-                          "ring runs blocked attention inside each shard; use "
-                          "model.attention=auto or context_attention=all_gather")
     if cfg.model.attention == "splash" and batches and chunk % 128:
         raise ConfigError(f"model.attention=splash needs chunks of a multiple of 128 tokens "
                           f"(train.seq_len / (2 x {ways} context ways) = {chunk}); pick "
