@@ -47,6 +47,19 @@ def documents(B, T, seed):
     return seg, pos
 
 
+def attention_inputs(B, L, N, K, H, seed, masked):
+    """q, k, v (B, L, N|K, H), an output cotangent, and segment ids and positions:
+    packed documents, or one segment with positions 0..L-1."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (B, L, N, H))
+    k = jax.random.normal(keys[1], (B, L, K, H))
+    v = jax.random.normal(keys[2], (B, L, K, H))
+    dout = jax.random.normal(keys[3], (B, L, N, H))
+    seg, pos = documents(B, L, seed + 1) if masked else (
+        np.zeros((B, L), np.int32), np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
+    return q, k, v, dout, seg, pos
+
+
 def test_balanced_order_is_a_permutation_and_balances_causal_work():
     for length, ways in [(16, 1), (16, 2), (64, 4), (96, 8)]:
         order = balanced_order(length, ways)
@@ -67,13 +80,7 @@ def test_balanced_order_is_a_permutation_and_balances_causal_work():
 def test_ring_and_all_gather_attention_equal_dense_in_values_and_gradients(devices, masked):
     mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
     B, N, K, H = 2, 4, 2, 8
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (B, T, N, H))
-    k = jax.random.normal(keys[1], (B, T, K, H))
-    v = jax.random.normal(keys[2], (B, T, K, H))
-    dout = jax.random.normal(keys[3], (B, T, N, H))
-    seg, pos = documents(B, T, 1) if masked else (
-        np.zeros((B, T), np.int32), np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    q, k, v, dout, seg, pos = attention_inputs(B, T, N, K, H, 0, masked)
     order = balanced_order(T, 4)
     inverse = np.argsort(order)
 
@@ -227,13 +234,7 @@ def test_splash_context_attention_equals_dense(devices, masked, mode):
     constrain = sharding.ActivationSharding.create(mesh, {"act_length": ("context",), "batch": (),
                                                           "act_heads": (), "act_kv_heads": ()})
     B, L, N, K, H = 1, 1024, 4, 2, 64
-    keys = jax.random.split(jax.random.key(2), 4)
-    q = jax.random.normal(keys[0], (B, L, N, H))
-    k = jax.random.normal(keys[1], (B, L, K, H))
-    v = jax.random.normal(keys[2], (B, L, K, H))
-    dout = jax.random.normal(keys[3], (B, L, N, H))
-    seg, pos = documents(B, L, 3) if masked else (
-        np.zeros((B, L), np.int32), np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)))
+    q, k, v, dout, seg, pos = attention_inputs(B, L, N, K, H, 2, masked)
     order, inverse = balanced_order(L, 4), np.argsort(balanced_order(L, 4))
 
     def ref_loss(q, k, v):
@@ -274,6 +275,18 @@ def train_three_steps(cfg):
     return out
 
 
+def assert_trains_alike(got, want):
+    """train_three_steps' results equal within fp32 tolerance: first loss, every
+    gradient, three steps' losses, for causal batches and packed documents."""
+    for masked in (False, True):
+        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
+        scale = max(np.abs(r).max() for r in ref_grads)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
 BASE = (f"train.seq_len={T}", "model.max_seq_len=256", f"model.attention_block={BLOCK}",
         "train.batch_size=4", "optimizer.warmup_steps=1")
 
@@ -297,13 +310,7 @@ def test_context_parallel_training_equals_the_unsharded_run(devices, mesh, mode)
     """Causal batches and packed documents (document masking) alike."""
     cfg = small_config(*BASE, *MESHES[mesh], f"model.context_attention={mode}")
     got, want = train_three_steps(cfg), reference_run()
-    for masked in (False, True):
-        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
-        scale = max(np.abs(r).max() for r in ref_grads)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trains_alike(got, want)
 
 
 SPLASH_LONG = ("train.seq_len=512", "model.max_seq_len=512", "model.attention_block=128",
@@ -324,13 +331,7 @@ def test_splash_context_training_equals_the_unsharded_run(devices, mode):
     got = train_three_steps(small_config(*SPLASH_LONG, *MESHES["context2_model2_fsdp2"],
                                          "model.attention=splash",
                                          f"model.context_attention={mode}"))
-    for masked in (False, True):
-        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], want[masked]
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"masked={masked}")
-        scale = max(np.abs(r).max() for r in ref_grads)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trains_alike(got, want)
 
 
 def test_context_parameters_are_fsdp_sharded_over_fsdp_and_context(devices):
@@ -446,10 +447,4 @@ def test_moe_layers_and_learned_positions_train_on_split_sequences(devices, fami
     got = train_three_steps(small_config(*BASE, *family, "mesh.fsdp=2", "mesh.context=4",
                                          "sharding.rules=fsdp_cp",
                                          "model.context_attention=ring"))
-    for masked in (False, True):
-        (loss, grads, losses), (ref_loss, ref_grads, ref_losses) = got[masked], ref[masked]
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-        scale = max(np.abs(r).max() for r in ref_grads)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * scale)
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trains_alike(got, ref)

@@ -13,6 +13,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 import sharding
+from models.attention import splash_fits
 from train.config import Config, ConfigError
 from train.state import TrainState, init_state, make_init, state_shardings
 
@@ -106,7 +107,7 @@ def check_context(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules,
                           f"{ways} context ways (load balancing holds two chunks per "
                           f"shard); pick a length that is a multiple of {2 * ways}")
     chunk = cfg.train.seq_len // (2 * ways)
-    if cfg.model.attention == "splash" and batches and chunk % 128:
+    if cfg.model.attention == "splash" and batches and not splash_fits(chunk):
         raise ConfigError(f"model.attention=splash needs chunks of a multiple of 128 tokens "
                           f"(train.seq_len / (2 x {ways} context ways) = {chunk}); pick "
                           f"train.seq_len a multiple of {256 * ways} or model.attention=auto")
