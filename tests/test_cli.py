@@ -111,7 +111,7 @@ def test_sigterm_is_not_swallowed_by_a_librarys_except_exception():
     Exception` around the code it interrupts cannot swallow it (the run would go on)."""
     code = ("import os, signal, time\n"
             "from train import cli, errors\n"
-            "signal.signal(signal.SIGTERM, lambda *a: cli._terminated('stopped', *a))\n"
+            "signal.signal(signal.SIGTERM, cli.StartUpSigterm('stopped'))\n"
             "try:\n"
             "    try:\n"
             "        os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -123,3 +123,28 @@ def test_sigterm_is_not_swallowed_by_a_librarys_except_exception():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["terminated", "143"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_start_up_sigterm_whose_error_was_lost_stops_the_run_before_training():
+    """Raised inside a finalizer, the handler's error is only printed by Python (and a
+    library may catch anything): the loop, taking SIGTERM over, raises it again, so the
+    run never trains on after a SIGTERM (CI saw one train to the end, exit 0)."""
+    code = ("import gc, os, signal, time\n"
+            "from train import cli, errors\n"
+            "from train.loop import SigtermFlag\n"
+            "signal.signal(signal.SIGTERM, cli.StartUpSigterm('stopped'))\n"
+            "class Finalized:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(1)\n"
+            "Finalized()\n"
+            "gc.collect()\n"
+            "print('went on')\n"
+            "try:\n"
+            "    SigtermFlag(None)\n"
+            "except errors.Terminated as e:\n"
+            "    print('terminated', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["went", "on", "terminated", "stopped"], (
+        proc.stdout + proc.stderr[-2000:])

@@ -5,7 +5,6 @@ code of train.errors' table (130 for Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 import threading
@@ -39,7 +38,7 @@ def main(p: argparse.ArgumentParser, argv: Sequence[str] | None,
     # SIGTERM before the trainer's loop takes it over (start-up, compiling) or in a tool:
     # one line, exit 143.
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, functools.partial(_terminated, terminated))
+        signal.signal(signal.SIGTERM, StartUpSigterm(terminated))
 
     def go():
         cfg = load_config(args.config, args.overrides)
@@ -50,8 +49,19 @@ def main(p: argparse.ArgumentParser, argv: Sequence[str] | None,
     guarded(go)
 
 
-def _terminated(message: str, signum, frame) -> None:
-    raise errors.Terminated(message)
+class StartUpSigterm:
+    """SIGTERM's handler until the trainer's loop takes it over (start-up, compiling),
+    and in tools: raises Terminated wherever the main thread is. It remembers that it
+    fired: where the error is lost anyway (raised inside a finalizer, whose errors Python
+    only prints, or swallowed by a library), the loop raises it again when it takes
+    SIGTERM over (train/loop.py SigtermFlag), so no run trains on after a SIGTERM."""
+
+    def __init__(self, message: str):
+        self.message, self.fired = message, False
+
+    def __call__(self, signum, frame) -> None:
+        self.fired = True
+        raise errors.Terminated(self.message)
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -65,8 +75,10 @@ def guarded(fn: Callable[[], Any]) -> Any:
         code = errors.exit_code(e)
         if code is None:
             raise  # a bug: keep the traceback
-        # storage threads may hang on, JAX's shutdown waits for a lost peer: do not wait
-        if isinstance(e, (errors.StorageError, errors.PeerLost)):
+        # storage threads may hang on, JAX's shutdown waits for a lost peer, and after a
+        # SIGTERM in the middle of a compile the interpreter's teardown crashed
+        # (SIGSEGV, seen 4 times in 4 at 0.5-1 s into start-up): do not wait
+        if isinstance(e, (errors.StorageError, errors.PeerLost, errors.Terminated)):
             errors.exit_now(str(e) + startup.details(), code)
         if not isinstance(e, errors.Preempted):  # preemption is logged where it happens
             print(errors.error_line(e) + startup.details(), file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from train.checkpoint import Checkpoints, start_state
 from train.config import Config, to_dict
 from train.data.batches import make_batches, tokens_per_step
 from train.data.resolve import resolve_data, tokenizer_file
-from train.errors import ConfigError, PeerLost, Preempted, StorageError, TrainingStopped
+from train.errors import ConfigError, PeerLost, Preempted, StorageError, Terminated, TrainingStopped
 from train.evaluate import Evaluator
 from train.lock import RunLock
 from train.metrics import (
@@ -61,7 +61,9 @@ class SigtermFlag:
     def __init__(self, ckpts: Checkpoints):
         self.ckpts, self.received = ckpts, False
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._handle)
+            before = signal.signal(signal.SIGTERM, self._handle)
+            if getattr(before, "fired", False):  # start-up's SIGTERM, its error lost
+                raise Terminated(before.message)
 
     def _handle(self, signum, frame) -> None:
         self.received = True
