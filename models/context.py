@@ -17,7 +17,8 @@ Two ways to attend across shards (`model.context_attention`):
   block's log-sum-exp), so no shard ever holds the whole sequence's keys and values.
   Each step sends the next block before computing on the current one, so the transfer
   can overlap the compute. The backward pass goes around the ring again, the keys' and
-  values' gradients travelling with their block back to its owner.
+  values' gradients travelling with their block back to its owner (in the compute
+  dtype, as all_gather's reduce-scatter sends them).
 
 Inside a shard both use `attend`: exact attention a block of queries by a block of keys
 at a time (an online softmax over the key blocks) with a hand-written backward pass
@@ -310,6 +311,11 @@ def _tied(q, *ints):
 
 
 def _ring_bwd(axes, block, kernel, interpret, res, do):
+    """The forward pass's steps again, each visiting block's gradients travelling with
+    it round the ring (every shard adds its share) and reaching its owner after the
+    last step. They travel in the compute dtype (k's), as an all_gather's
+    reduce-scatter would send them; each shard sums its own queries' and keys'
+    gradients in fp32."""
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     q, qpos, kpos, qseg, kseg = _tied(q, qpos, kpos, qseg, kseg)
     ways = jax.lax.axis_size(axes)
@@ -321,8 +327,9 @@ def _ring_bwd(axes, block, kernel, interpret, res, do):
     _, product_grads = _products(kernel, block, T, q.shape[2] * q.shape[3], interpret)
 
     def add(x, start, dx):
-        return jax.lax.dynamic_update_slice_in_dim(
-            x, _half(x, start, dx.shape[1]) + dx, start, axis=1)
+        """x with dx added at `start` along the length (summed in fp32, kept in x's dtype)."""
+        x_s = _half(x, start, dx.shape[1]).astype(jnp.float32) + dx
+        return jax.lax.dynamic_update_slice_in_dim(x, x_s.astype(x.dtype), start, axis=1)
 
     def grads(dq, dk, dv, qstart, qs, kstart, blk, own=False):
         """Gradients of the queries qs (a slice at qstart) against blk (a slice of the
@@ -345,14 +352,16 @@ def _ring_bwd(axes, block, kernel, interpret, res, do):
 
     own = (k, v, kpos, kseg)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dq, dk, dv = grads(jnp.zeros(q.shape, jnp.float32), zeros, zeros, 0, queries, 0, own,
-                       own=True)
-    blk, dk, dv = jax.lax.ppermute((own, dk, dv), axes, perm)
-    (dq, blk, dk, dv), _ = jax.lax.scan(step_fn, (dq, blk, dk, dv), jnp.arange(1, ways - 1))
+    dq, dk_own, dv_own = grads(jnp.zeros(q.shape, jnp.float32), zeros, zeros, 0, queries, 0,
+                               own, own=True)
+    blk = jax.lax.ppermute(own, axes, perm)
+    travelling = jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
+    (dq, blk, dk, dv), _ = jax.lax.scan(step_fn, (dq, blk, *travelling),
+                                        jnp.arange(1, ways - 1))
     dq, dk, dv = grads_visiting(dq, dk, dv, blk, ways - 1)
     dk, dv = jax.lax.ppermute((dk, dv), axes, perm)  # the last block's gradients home
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
-            None)
+    return (dq.astype(q.dtype), add(dk_own, 0, dk).astype(k.dtype),
+            add(dv_own, 0, dv).astype(v.dtype), None, None, None, None)
 
 
 ring_attend.defvjp(_ring_fwd, _ring_bwd)

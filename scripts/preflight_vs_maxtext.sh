@@ -14,6 +14,7 @@
 # long runs Llama-3.1-8B on v5p-64 with the length split 16 ways over the context axis
 # (fsdp 2 x context 16, 2 sequences, remat full), all_gather and ring, at each length of
 # LENGTHS (default "32768 65536 131072"); MaxText's ring needs use_tokamax_splash=True.
+# STRATEGIES="ring" (or "all_gather") runs one strategy only.
 # TPU_LIBRARY_PATH=/path/to/libtpu.so selects another libtpu for both tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +68,7 @@ for _ in $(seq "$REPEATS"); do
     fi
     if [[ " $CASES " == *" long "* ]]; then
         for length in ${LENGTHS:-32768 65536 131072}; do
-            for strategy in all_gather ring; do
+            for strategy in ${STRATEGIES:-all_gather ring}; do
                 extra=()
                 [ "$strategy" = ring ] && extra=(context_parallel_strategy=ring use_tokamax_splash=True)
                 maxtext "$strategy/$length" v5p-64 llama3.1-8b 0.0625 \

@@ -188,6 +188,52 @@ def test_the_ring_skips_the_quarters_of_a_visiting_block_that_are_masked(devices
     assert ring_all == pytest.approx(0.625 * gather_all, rel=0.02), (ring_all, gather_all)
 
 
+def ppermuted_dtypes(jaxpr) -> set[str]:
+    """The dtypes of every array a jaxpr (loops and calls included) ppermutes."""
+    out = set()
+    for e in jaxpr.eqns:
+        if e.primitive.name == "ppermute":
+            out |= {str(v.aval.dtype) for v in e.invars}
+        for v in e.params.values():
+            for inner in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    out |= ppermuted_dtypes(inner)
+    return out
+
+
+def test_the_ring_sends_bf16_gradients_of_bf16_keys(devices):
+    """A bf16 model's ring sends its blocks and their travelling gradients in bf16 (half
+    the bytes of fp32 gradients, as an all_gather's reduce-scatter sends them), and its
+    gradients stay within bf16 rounding of fp32 dense attention's."""
+    mesh = jax.sharding.Mesh(np.array(devices[:4]), ("context",))
+    B, N, K, H = 1, 4, 2, 8
+    q, k, v, dout, seg, pos = attention_inputs(B, T, N, K, H, 3, True)
+    order = balanced_order(T, 4)
+    lay = lambda x: jnp.asarray(x)[:, order]  # noqa: E731
+
+    def local(q, k, v, pos, seg):
+        q5 = q.reshape(*q.shape[:2], K, N // K, H)
+        return ring_attend(q5, k, v, pos, pos, seg, seg, "context", BLOCK).reshape(q.shape)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=P(None, "context"),
+                       out_specs=P(None, "context"), check_vma=False)
+
+    def loss(q, k, v):
+        out = fn(q, k, v, lay(pos), lay(seg)).astype(jnp.float32)
+        return jnp.sum(out[:, np.argsort(order)] * dout)
+
+    bf16 = [lay(x).astype(jnp.bfloat16) for x in (q, k, v)]
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    assert ppermuted_dtypes(jax.make_jaxpr(grad)(*bf16).jaxpr) == {"bfloat16", "int32"}
+    ref_grads = jax.grad(lambda q, k, v: jnp.sum(dense_reference(
+        q, k, v, jnp.asarray(pos), jnp.asarray(seg)) * dout), argnums=(0, 1, 2))(q, k, v)
+    inverse = np.argsort(order)
+    for g, r in zip(jax.jit(grad)(*bf16), ref_grads):
+        g = np.asarray(g.astype(jnp.float32))[:, inverse]
+        np.testing.assert_allclose(g, r, atol=0.015 * np.abs(r).max())
+
+
 def batches_for(cfg, p, masked):
     """Three global batches laid out for plan `p` (the load-balanced order when the
     length is split), the same rows whatever the mesh. Unmasked batches are one
