@@ -47,6 +47,10 @@ class ModelConfig:
     """
 
     style: Literal["gpt2", "llama"] = "llama"
+    # Where the initial weights come from (hf:DIR, an export or a run; None: a fresh
+    # init). Read by the trainer (train/init_from.py), which also takes the shapes below
+    # from there; the model itself never looks at it.
+    init_from: Optional[str] = None
     vocab_size: Optional[int] = None  # None: the data's tokenizer sets it (train config)
     num_layers: int = 4
     d_model: int = 128
@@ -85,6 +89,7 @@ class ModelConfig:
     # once; 1: all at once.
     vocab_chunks: int = 8
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
     @property
@@ -129,9 +134,10 @@ class ModelConfig:
         if self.style == "gpt2":
             set_keys = [f"model.moe.{f.name}" for f in dataclasses.fields(m)
                         if getattr(m, f.name) != f.default] + ["model.qk_norm"] * self.qk_norm
+            set_keys += ["model.qkv_bias"] * self.qkv_bias
             if set_keys:
                 raise ValueError(f"{set_keys[0]} is for model.style=llama only (GPT-2 models "
-                                 "are dense, without q/k norms)")
+                                 "are dense, without q/k norms, with biases everywhere)")
         if m.num_experts < 0:
             raise ValueError(f"model.moe.num_experts must be >= 0 (0: dense), got "
                              f"{m.num_experts}")

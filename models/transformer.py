@@ -66,12 +66,13 @@ class StackedBlocks(nnx.Module):
             self._experts(cfg, rngs, p, out_std)
         else:
             self.w_out = p(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), out_std)
-        if gpt2:
-            self.attn_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
-            self.mlp_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
+        if gpt2 or cfg.qkv_bias:
             self.q_bias = p(None, (L, N, H), ("layers", "heads", "head_dim"), 0.0)
             self.k_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
             self.v_bias = p(None, (L, K, H), ("layers", "kv_heads", "head_dim"), 0.0)
+        if gpt2:
+            self.attn_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
+            self.mlp_norm_bias = p(None, (L, D), ("layers", "vector"), 0.0)
             self.o_bias = p(None, (L, D), ("layers", "vector"), 0.0)
             self.w_in = p(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), std)
             self.in_bias = p(None, (L, F), ("layers", "mlp"), 0.0)

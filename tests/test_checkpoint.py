@@ -121,7 +121,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.once
-def test_resume_from_and_params_only(reference, run8, tmp_path):
+def test_resume_from_and_init_from(reference, run8, tmp_path):
     base = run8  # read only: the runs below write their own output_dir
     # continue another run's checkpoint in a new directory: same trajectory
     proc = run_cli(*RUN, f"output_dir={tmp_path / 'cont'}", f"checkpoint.resume_from={base}")
@@ -130,14 +130,21 @@ def test_resume_from_and_params_only(reference, run8, tmp_path):
     cont = losses(tmp_path / "cont")
     assert cont == {s: reference[s] for s in range(9, STEPS + 1)}
     # fine-tuning: parameters only, from a step directory; step and optimizer start over
+    step8 = base / "checkpoints" / "8"
     proc = run_cli(*RUN, f"output_dir={tmp_path / 'ft'}", "train.steps=4",
-                   f"checkpoint.resume_from={base / 'checkpoints' / '8'}",
-                   "checkpoint.load_params_only=true")
+                   f"model.init_from={step8}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "parameters from step 8" in proc.stdout
+    assert f"initial parameters from {step8}; new optimizer state" in proc.stdout
     ft = losses(tmp_path / "ft")
     assert sorted(ft) == [1, 2, 3, 4]
     assert ft[1] < reference[1] - 0.2  # starts from trained weights, not from scratch
+    # the key it replaced is a one-line error naming the new one
+    proc = run_cli(*RUN, f"output_dir={tmp_path / 'old'}", f"checkpoint.resume_from={step8}",
+                   "checkpoint.load_params_only=true")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: checkpoint.load_params_only is gone: set model.init_from=PATH instead (a run, "
+        "an export or hf:DIR; parameters only, a new optimizer state) and leave "
+        "checkpoint.resume_from out"], proc.stderr[-3000:]
 
 
 @pytest.mark.once

@@ -47,8 +47,34 @@ def hf_gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
+SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+              bos_token_id=1, eos_token_id=2)
+
+
+def hf_qwen2():
+    """Qwen2.5's architecture: q/k/v biases; its window setting carried but unused."""
+    cfg = transformers.Qwen2Config(**SHAPES, rope_theta=1e6, tie_word_embeddings=True,
+                                   use_sliding_window=False, sliding_window=16)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def hf_qwen3():
+    """Dense Qwen3: q/k norms and a head size of its own (16, not 64 / 8)."""
+    cfg = transformers.Qwen3Config(**SHAPES, head_dim=16, tie_word_embeddings=False,
+                                   use_sliding_window=False, sliding_window=16)
+    return transformers.Qwen3ForCausalLM(cfg)
+
+
+def hf_mistral():
+    """A sliding window (32) shorter than max_position_embeddings: imported as the
+    model's longest sequence, where the window is plain causal attention."""
+    cfg = transformers.MistralConfig(**SHAPES, sliding_window=32)
+    return transformers.MistralForCausalLM(cfg)
+
+
 MODELS = {"llama": lambda: hf_llama(False), "llama-tied": lambda: hf_llama(True),
-          "gpt2": hf_gpt2}
+          "gpt2": hf_gpt2, "qwen2": hf_qwen2, "qwen3": hf_qwen3, "mistral": hf_mistral}
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -67,7 +93,8 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         {"architectures": ["FalconForCausalLM"], "vocab_size": 10}))
     with pytest.raises(ConversionError, match="FalconForCausalLM.*supported: LlamaForCausalLM, "
                                            "GPT2LMHeadModel, MixtralForCausalLM, "
-                                           "Qwen3MoeForCausalLM"):
+                                           "Qwen3MoeForCausalLM, Qwen2ForCausalLM, "
+                                           "Qwen3ForCausalLM, MistralForCausalLM"):
         hf_to_ckpt(str(tmp_path / "hf"), str(tmp_path / "out"), small_config(), [])
     (tmp_path / "hf" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
     with pytest.raises(ConversionError) as err:

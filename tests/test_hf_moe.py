@@ -148,8 +148,8 @@ def test_supported_edge_configs():
 
 
 @pytest.mark.parametrize("m, message", [
-    (ModelConfig(qk_norm=True), "no Hugging Face family holds a model.style=llama model with "
-     "model.qk_norm=true and 0 experts"),
+    (ModelConfig(qk_norm=True, qkv_bias=True), "no Hugging Face family holds a "
+     "model.style=llama model with model.qk_norm=true, model.qkv_bias=true and 0 experts"),
     (ModelConfig(moe=MoeConfig(num_experts=4, first_dense_layers=1)),
      "Mixtral has no dense layers; model.moe.first_dense_layers=1 cannot be exported"),
     (ModelConfig(moe=MoeConfig(num_experts=4, norm_topk_prob=False)),

@@ -25,7 +25,7 @@ from train import storage
 from train.config import CheckpointConfig
 from train.errors import CheckpointError, PeerLost, SaveError, StorageError, exit_now
 from train.plan import Plan, state_arrays
-from train.state import init_state
+from train.state import init_state, state_with_params
 
 STATE, META, CONFIG = "state", "meta", "config"
 log = logging.getLogger("train")
@@ -249,11 +249,14 @@ def find_checkpoint(path: str, flag: str = "checkpoint.resume_from"
     return source, step
 
 
-def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None
+def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
+                initial_params: Callable[[], Any] | None = None
                 ) -> tuple[Any, int, dict | None]:
     """(state, first step, the checkpoint's data position or None): the run's own latest
-    checkpoint, else checkpoint.resume_from, else a fresh sharded init. Restores go
-    straight into the plan's shardings, whatever mesh the checkpoint was written on."""
+    checkpoint, else checkpoint.resume_from, else fresh: the parameters
+    `initial_params()` reads (model.init_from, train/init_from.py) or a sharded init.
+    Restores go straight into the plan's shardings, whatever mesh the checkpoint was
+    written on."""
     cfg, target = plan.cfg, plan.state_target()
     if latest is not None:
         try:
@@ -267,13 +270,10 @@ def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None
         return plan.abstract.replace(**arrays), latest, meta.get("data")
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
-        if cfg.checkpoint.load_params_only:
-            params = source.restore_params(step, target["params"])
-            log.info("parameters from step %d of %s; new optimizer state, starting at step 0",
-                     step, source.directory)
-            fresh = init_state(plan.init, plan.shardings, cfg.train.seed)
-            return fresh.replace(params=params), 0, None
         arrays, meta = source.restore(step, target)
         log.info("resumed from step %d of %s", step, source.directory)
         return plan.abstract.replace(**arrays), step, meta.get("data")
+    if initial_params is not None:
+        return state_with_params(plan.init, plan.shardings, cfg.train.seed,
+                                 initial_params()), 0, None
     return init_state(plan.init, plan.shardings, cfg.train.seed), 0, None

@@ -168,8 +168,9 @@ class CheckpointConfig:
     keep_every: Optional[int] = None  # also keep every step divisible by this, forever
     async_save: bool = True  # write in the background while training goes on
     save_timeout_s: float = 1800.0  # a save not committed by then stops the run
-    resume_from: Optional[str] = None  # another run's checkpoint dir, or one step's dir
-    load_params_only: bool = False  # with resume_from: parameters only (fine-tuning)
+    # another run's checkpoint dir, or one step's dir: its parameters, optimizer state
+    # and step (parameters only, for fine-tuning: model.init_from)
+    resume_from: Optional[str] = None
 
     def check(self) -> None:
         _positive("checkpoint", self, "every_steps", minimum=0)
@@ -179,9 +180,6 @@ class CheckpointConfig:
         if self.save_timeout_s <= 0:
             raise ConfigError(f"checkpoint.save_timeout_s must be positive, got "
                               f"{self.save_timeout_s}")
-        if self.load_params_only and not self.resume_from:
-            raise ConfigError("checkpoint.load_params_only needs checkpoint.resume_from (the "
-                              "checkpoint to take the parameters from)")
         _not_s3("checkpoint.dir", self.dir)
         _not_s3("checkpoint.resume_from", self.resume_from)
 
@@ -303,11 +301,22 @@ def _unknown(key: str, value: Any = None, where: str = "") -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{where}{hint}")
 
 
+# Keys that are gone, with what took their place: an error in a user's file or
+# override, dropped from the configs earlier versions saved beside their checkpoints.
+REMOVED = {"checkpoint.load_params_only": (
+    "checkpoint.load_params_only is gone: set model.init_from=PATH instead (a run, an "
+    "export or hf:DIR; parameters only, a new optimizer state) and leave "
+    "checkpoint.resume_from out")}
+
+
 def check_keys(values: dict, where: str = "", cls=None, prefix: str = "") -> None:
     """Every key of a raw mapping (a YAML file, an override) names a config field."""
     cls = cls or Config
     fields = _fields(cls)
     for key, value in values.items():
+        if prefix + key in REMOVED:
+            raise ConfigError(REMOVED[prefix + key] + where.replace(" in ", " (in ", 1)
+                              + (")" if where else ""))
         if key not in fields:
             raise _unknown(prefix + key, value, where)
         if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
@@ -366,6 +375,8 @@ def _build(cls, values: dict, prefix: str = ""):
     fields = _fields(cls)
     kwargs = {}
     for key, value in values.items():
+        if prefix + key in REMOVED:  # in a config an earlier version saved
+            continue
         if key not in fields:
             raise _unknown(prefix + key, value)
         hint = fields[key]
@@ -475,7 +486,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         path_obj = Path(path)
     raw = load_file(path_obj)
     raw.setdefault("name", path_obj.stem)
-    return with_overrides(raw, overrides)
+    for text in overrides:
+        check_keys(parse_override(text))
+        raw = merge(raw, parse_override(text))
+    from train.init_from import resolve  # reads model.init_from's source: import late
+    return from_dict(resolve(raw))
 
 
 def with_overrides(raw: dict, overrides: Sequence[str] = (),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -15,13 +16,14 @@ from tqdm import tqdm
 
 import sharding
 from sharding import distributed
-from train import startup, storage
+from train import init_from, startup, storage
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, to_dict
 from train.data.batches import make_batches, tokens_per_step
 from train.data.resolve import resolve_data, tokenizer_file
 from train.errors import ConfigError, PeerLost, Preempted, StorageError, Terminated, TrainingStopped
 from train.evaluate import Evaluator
+from train.inference.load import HF_INFO
 from train.lock import RunLock
 from train.metrics import (
     MetricsLog,
@@ -153,7 +155,8 @@ def run(cfg: Config) -> list[dict]:
             log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
                      latest, ckpts.directory, cfg.train.steps)
             return []
-        state, start, data_position = start_state(p, ckpts, latest)
+        state, start, data_position = start_state(p, ckpts, latest,
+                                                  init_from.initial_params(cfg, p))
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
                  cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
@@ -180,6 +183,9 @@ def run(cfg: Config) -> list[dict]:
             run_dir = epath.Path(cfg.run_dir)
             storage.write_text(str(run_dir / "config.yaml"),
                                yaml.safe_dump(config_dict, sort_keys=False), timeout_s)
+            hf = init_from.hf_info(cfg.model.init_from)
+            if hf is not None:  # what train.convert needs to export it to Hugging Face
+                storage.write_text(str(run_dir / HF_INFO), json.dumps(hf), timeout_s)
             tokenizer = tokenizer_file(data_path)
             if tokenizer is not None:  # the prepared copy: tokenizer.json or .model
                 storage.bounded(f"writing {run_dir / tokenizer.name}", lambda: (

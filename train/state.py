@@ -77,3 +77,17 @@ def init_state(init: Callable[[jax.Array], TrainState], shardings: Any, seed: in
     key = jax.random.key(seed)
     init_fn = jax.jit(init, out_shardings=shardings).lower(key)
     return init_fn.compile(compile_options(shardings))(key)
+
+
+def state_with_params(init: Callable[[jax.Array], TrainState], shardings: Any, seed: int,
+                      params: nnx.State) -> TrainState:
+    """The state `init` builds, with these parameters (already laid out on their
+    shardings) in place of fresh ones and the optimizer state initialised from them:
+    fine-tuning's start. The fresh parameters are never computed (jit drops them)."""
+    def build(key, params):
+        state = init(key)
+        return state.replace(params=params, opt_state=state.tx.init(params))
+
+    key = jax.random.key(seed)
+    fn = jax.jit(build, out_shardings=shardings, donate_argnums=1).lower(key, params)
+    return fn.compile(compile_options(shardings))(key, params)

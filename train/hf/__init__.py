@@ -9,9 +9,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from train.errors import ConversionError
-from train.hf import gpt2, llama, mixtral, qwen3_moe
+from train.hf import gpt2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, mixtral, qwen3_moe)
+FAMILIES: tuple[ModuleType, ...] = (llama, gpt2, mixtral, qwen3_moe, qwen2, qwen3, mistral)
 # model.* keys about how to compute, not shapes: an import takes them from --config
 COMPUTE_KEYS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "attention_block",
                 "vocab_chunks")
@@ -27,15 +27,18 @@ def family_of(hf: dict) -> ModuleType:
                           f"{', '.join(f.ARCHITECTURE for f in FAMILIES)}")
 
 
-def family_for(m) -> ModuleType:
-    """The family module that exports our ModelConfig `m`."""
-    for family in FAMILIES:
+def family_for(m, architecture: str | None = None) -> ModuleType:
+    """The family module that exports our ModelConfig `m`: the one it was imported from
+    (`architecture`) where that family holds it, else the first that does."""
+    for family in sorted(FAMILIES, key=lambda f: f.ARCHITECTURE != architecture):
         if family.exports(m):
             return family
     raise ConversionError(f"no Hugging Face family holds a model.style={m.style} model with "
-                          f"model.qk_norm={str(m.qk_norm).lower()} and {m.moe.num_experts} "
-                          "experts (exported: Llama and GPT-2 without q/k norms, Mixtral: "
-                          "experts without q/k norms, Qwen3-MoE: experts with q/k norms)")
+                          f"model.qk_norm={str(m.qk_norm).lower()}, model.qkv_bias="
+                          f"{str(m.qkv_bias).lower()} and {m.moe.num_experts} experts "
+                          "(exported: Llama, Mistral and GPT-2 without q/k norms, Qwen2: "
+                          "q/k/v biases, Qwen3: q/k norms, Mixtral: experts without q/k "
+                          "norms, Qwen3-MoE: experts with q/k norms)")
 
 
 def model_config(hf: dict, vocab_multiple: int = 128) -> dict:

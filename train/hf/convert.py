@@ -84,7 +84,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
                               "another directory")
     loaded = load(ckpt, user, overrides, flag="CKPT_DIR")
     m, source = loaded.cfg.model, loaded.info.get("hf") or {}
-    family = family_for(m)
+    family = family_for(m, source.get("architecture"))
     tok = None
     try:
         tok = find_tokenizer(loaded, tokenizer)

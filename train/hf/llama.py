@@ -18,7 +18,7 @@ LAYER = "model.layers.{l}."
 
 def exports(m) -> bool:
     """Whether this family writes our ModelConfig `m`."""
-    return m.style == "llama" and not m.moe.enabled and not m.qk_norm
+    return m.style == "llama" and not m.moe.enabled and not m.qk_norm and not m.qkv_bias
 
 
 def rope_keys(hf: dict, default_theta: float = 10000.0) -> dict:

@@ -27,7 +27,7 @@ FUSED = LAYER + "mlp."
 
 def exports(m) -> bool:
     """Whether this family writes our ModelConfig `m` (experts, no q/k norms)."""
-    return m.style == "llama" and m.moe.enabled and not m.qk_norm
+    return m.style == "llama" and m.moe.enabled and not m.qk_norm and not m.qkv_bias
 
 
 def check_window(hf: dict, family: str) -> None:

@@ -11,9 +11,9 @@ width intermediate_size, Llama's MLP names): we hold the first K layers dense
 from __future__ import annotations
 
 from train.errors import ConversionError
-from train.hf import llama, mixtral
+from train.hf import llama, mixtral, qwen3
 from train.hf.llama import LAYER
-from train.hf.tensors import Mapping, same
+from train.hf.tensors import Mapping
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MLP = LAYER + "mlp."  # the experts' names, Hub and fused layouts alike
@@ -21,7 +21,7 @@ MLP = LAYER + "mlp."  # the experts' names, Hub and fused layouts alike
 
 def exports(m) -> bool:
     """Whether this family writes our ModelConfig `m` (experts and q/k norms)."""
-    return m.style == "llama" and m.moe.enabled and m.qk_norm
+    return m.style == "llama" and m.moe.enabled and m.qk_norm and not m.qkv_bias
 
 
 def _dense_layers(hf: dict) -> int:
@@ -68,12 +68,9 @@ def hf_config(m, vocab_size: int, eos_id, bos_id) -> dict:
 def mapping(m) -> Mapping:
     dense = m.moe.first_dense_layers > 0  # the first layers: blocks/, Llama's MLP names
     stacks = ("blocks/", "moe_blocks/") if dense else ("moe_blocks/",)
-    out = {**llama.common_mapping(m, stacks), **(llama.mlp_mapping() if dense else {}),
-           **mixtral.expert_mapping(MLP, ("gate_proj", "up_proj", "down_proj"), MLP)}
-    for s in stacks:
-        out[s + "q_norm_scale"] = (LAYER + "self_attn.q_norm.weight", same, same)
-        out[s + "k_norm_scale"] = (LAYER + "self_attn.k_norm.weight", same, same)
-    return out
+    return {**llama.common_mapping(m, stacks), **(llama.mlp_mapping() if dense else {}),
+            **mixtral.expert_mapping(MLP, ("gate_proj", "up_proj", "down_proj"), MLP),
+            **qwen3.qk_norm_mapping(stacks)}
 
 
 def joined_tensors(m, gather):

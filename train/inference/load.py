@@ -28,6 +28,7 @@ from train.plan import Plan, plan
 from train.storage import first_line
 
 PARAMS, CONFIG_JSON = "params", "config.json"
+HF_INFO = "hf.json"  # beside a run started from hf:DIR (train/init_from.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # What a user's override may change in a saved config: how to compute (model.*), and
 # what an evaluation reads besides the model.
@@ -112,6 +113,9 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
         info, where = {"step": step}, f"{source.directory} step {step}"
         root = epath.Path(source.directory)
         artifact_dir = str(root.parent) if root.name == "checkpoints" else str(root)
+        hf_json = epath.Path(artifact_dir) / HF_INFO  # a run started from hf:DIR
+        if hf_json.exists():
+            info["hf"] = json.loads(hf_json.read_text())
     return Loaded(cfg, nnx.merge(p.abstract.graphdef, params), p, where, info, artifact_dir,
                   saved)
 
