@@ -132,6 +132,12 @@ class DataConfig:
     source: Literal["stdlib", "synthetic"] = "stdlib"  # only when path is null
     tokenizer: str = "byte"  # byte | path/to/tokenizer.json | path/to/sentencepiece.model
     text_field: str = "text"  # JSONL field, Parquet or `datasets` column holding the text
+    # text: documents; chat: conversations ({"messages": [...]}) or {"prompt", "completion"}
+    # rows, rendered with the tokenizer's chat template, only the assistant's tokens
+    # trained on (train/data/chat.py); auto: chat when the first row has those fields.
+    format: Literal["auto", "text", "chat"] = "auto"
+    # A chat example longer than train.seq_len: cut to its first seq_len tokens, or left out
+    overlong: Literal["truncate", "drop"] = "truncate"
     eos_token: Optional[str] = None  # None: the tokenizer's own (</s>, <|endoftext|>, ...)
     vocab_multiple: int = 128  # model.vocab_size=null: tokenizer size rounded up to this
     val_fraction: float = 0.05  # documents (by a hash of their id) held out for eval

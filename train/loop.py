@@ -20,7 +20,7 @@ from train import init_from, startup, storage
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, to_dict
 from train.data.batches import make_batches, tokens_per_step
-from train.data.resolve import resolve_data, tokenizer_file
+from train.data.resolve import resolve_data, tokenizer_files
 from train.errors import ConfigError, PeerLost, Preempted, StorageError, Terminated, TrainingStopped
 from train.evaluate import Evaluator
 from train.inference.load import HF_INFO
@@ -186,10 +186,9 @@ def run(cfg: Config) -> list[dict]:
             hf = init_from.hf_info(cfg.model.init_from)
             if hf is not None:  # what train.convert needs to export it to Hugging Face
                 storage.write_text(str(run_dir / HF_INFO), json.dumps(hf), timeout_s)
-            tokenizer = tokenizer_file(data_path)
-            if tokenizer is not None:  # the prepared copy: tokenizer.json or .model
-                storage.bounded(f"writing {run_dir / tokenizer.name}", lambda: (
-                    run_dir / tokenizer.name).write_bytes(tokenizer.read_bytes()), timeout_s)
+            for src in tokenizer_files(data_path):  # the prepared copies
+                storage.bounded(f"writing {run_dir / src.name}", lambda src=src: (
+                    run_dir / src.name).write_bytes(src.read_bytes()), timeout_s)
         out = Outputs(cfg, start, is_main)
         teardown.callback(out.close)
 

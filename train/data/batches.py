@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 
 from models.context import balanced_rows
 from train.config import Config
-from train.data.packing import HostRows, PackedSequences
+from train.data.packing import HostRows, PackedExamples, PackedSequences
 from train.data.prepared import read_meta
 from train.data.stdlib import Corpus, load_stdlib_corpus, local_rows, synthetic_batch, window_batch
 from train.errors import DataError
@@ -101,17 +101,27 @@ class PackedBatches:
         d, t = cfg.data, cfg.train
         rows = local_rows(t.batch_size, process_index, process_count)
         self.rows = range(rows.start, rows.stop)
-        train = PackedSequences(path, "train", t.seq_len, d.mask_documents)
+        self.chat = self.meta.get("kind") == "chat"
+        train = self._split("train")
         if not len(train):
-            raise DataError(f"{path}: the train split has fewer than 2 tokens")
-        self.num_sequences = len(train)
+            raise DataError(f"{path}: the train split has fewer than 2 tokens" if not self.chat
+                            else f"{path}: no chat example of the train split fits "
+                            f"train.seq_len={t.seq_len} (data.overlong=drop)")
+        self.num_sequences, self.packed = len(train), train
         sequences = grain.MapDataset.source(train)
         if d.shuffle:
             sequences = sequences.shuffle(seed=t.seed)
         self.train = sequences.repeat()
-        val = PackedSequences(path, "val", t.seq_len, d.mask_documents)
+        val = self._split("val")
         self.val = grain.MapDataset.source(val).repeat() if len(val) else None
         self.iterator, self.next_step, self.cached = None, None, None
+
+    def _split(self, split: str):
+        """Text: documents back to back in windows; chat: whole examples packed."""
+        d, T = self.cfg.data, self.cfg.train.seq_len
+        if self.chat:
+            return PackedExamples(self.path, split, T, d.overlong)
+        return PackedSequences(self.path, split, T, d.mask_documents)
 
     def _start(self, step: int) -> None:
         """A Grain iterator over batches step, step + 1, ... of this process."""
@@ -193,6 +203,18 @@ def make_batches(cfg: Config, sharding, path: str | None):
                  meta["vocab_size"], meta["eos_id"], f"{meta['splits']['train']['tokens']:,}",
                  f"{meta['splits']['val']['tokens']:,}", batches.num_sequences,
                  cfg.train.seq_len, ", documents masked" if cfg.data.mask_documents else "")
+        if batches.chat:
+            p = batches.packed
+            log.info("data: chat examples packed whole, examples masked from each other: "
+                     "%d train examples in %d sequences (%.0f%% of their tokens used), %s "
+                     "tokens trained on per epoch%s", len(p.kept_K), len(p),
+                     100 * p.used_tokens / max(len(p) * cfg.train.seq_len, 1),
+                     f"{meta['splits']['train']['trained_tokens']:,}",
+                     f"; {p.overlong} longer than train.seq_len={cfg.train.seq_len} "
+                     f"({'cut to it' if cfg.data.overlong == 'truncate' else 'left out'})"
+                     + (f", {p.lost} of them cut before any assistant token: raise "
+                        "train.seq_len or set data.overlong=drop" if p.lost else "")
+                     if p.overlong else "")
         return batches
     corpus = None
     if cfg.data.source == "stdlib":

@@ -59,6 +59,81 @@ class PackedSequences:
         return out
 
 
+def pack_whole(lengths_E: np.ndarray, seq_len: int, overlong: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept example indices, where each sequence's examples begin in them (S + 1,)):
+    examples in order, each placed whole in the current sequence or, when it does not
+    fit, a new one. An example longer than seq_len is cut to it (`truncate`) or left
+    out (`drop`)."""
+    kept = np.flatnonzero(lengths_E <= seq_len) if overlong == "drop" else \
+        np.arange(len(lengths_E))
+    starts, used = [0], 0
+    for i, n in enumerate(np.minimum(lengths_E[kept], seq_len)):
+        if used + n > seq_len:
+            starts.append(i)
+            used = 0
+        used += n
+    if len(kept):
+        starts.append(len(kept))
+    return kept, np.asarray(starts, np.int64)
+
+
+class PackedExamples:
+    """Chat examples (a prepared directory of kind chat: tokens, a 0/1 loss weight per
+    token, offsets per example) packed whole into sequences of seq_len (pack_whole),
+    the rest of each sequence padded with weight 0. [k] -> inputs, targets, weights (the
+    target's loss weight: 1 on the assistant's tokens), segment_ids (1, 2, ... per
+    example, 0 for padding) and positions (from 0 in each example): examples never
+    attend to each other, and an example's last token, having no target in it, is not
+    trained on. Picklable: worker processes open the memory maps themselves."""
+
+    def __init__(self, path: str, split: str, seq_len: int, overlong: str = "truncate"):
+        self.path, self.split, self.seq_len = path, split, seq_len
+        self.offsets_E1 = np.load(f"{path}/{split}.offsets.npy")
+        lengths_E = np.diff(self.offsets_E1)
+        self.kept_K, self.starts_S1 = pack_whole(lengths_E, seq_len, overlong)
+        self.overlong = int(np.sum(lengths_E > seq_len))
+        self.used_tokens = int(np.minimum(lengths_E[self.kept_K], seq_len).sum())
+        self._data = None
+        # cut examples whose trained tokens all lie past the cut: nothing left to learn
+        cut = [e for e in self.kept_K if lengths_E[e] > seq_len]
+        a_E = self.offsets_E1
+        self.lost = sum(not self.data[1][a_E[e] + 1:a_E[e] + seq_len].any() for e in cut)
+
+    def __len__(self) -> int:
+        return len(self.starts_S1) - 1
+
+    def __getstate__(self):
+        return {**self.__dict__, "_data": None}
+
+    @property
+    def data(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._data is None:
+            split = open_split(self.path, self.split)
+            weights = np.memmap(f"{self.path}/{self.split}.weights", dtype=np.uint8, mode="r") \
+                if split.tokens_N.size else np.zeros((0,), np.uint8)
+            self._data = split.tokens_N, weights
+        return self._data
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        T = self.seq_len
+        tokens_N, weights_N = self.data
+        out = {"inputs": np.zeros(T, np.int32), "targets": np.zeros(T, np.int32),
+               "weights": np.zeros(T, np.float32), "segment_ids": np.zeros(T, np.int32),
+               "positions": np.zeros(T, np.int32)}
+        p = 0
+        for segment, e in enumerate(self.kept_K[self.starts_S1[k]:self.starts_S1[k + 1]], 1):
+            a = int(self.offsets_E1[e])
+            n = min(int(self.offsets_E1[e + 1]) - a, T)
+            out["inputs"][p:p + n] = tokens_N[a:a + n]
+            out["targets"][p:p + n - 1] = tokens_N[a + 1:a + n]
+            out["weights"][p:p + n - 1] = weights_N[a + 1:a + n]
+            out["segment_ids"][p:p + n] = segment
+            out["positions"][p:p + n] = np.arange(n)
+            p += n
+        return out
+
+
 class HostRows:
     """step -> this process's rows of global batch `step`: sequences[step * B + r] for r
     in `rows`, stacked into (b, T) arrays. `sequences` is any random-access dataset

@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from train.data.sources import documents, expand
+from train.data.chat import ChatEncoder, load_template, row_kind, save_template
+from train.data.sources import documents, expand, first_record, records
 from train.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from train.errors import DataError
 
@@ -79,49 +80,98 @@ def in_val(doc_id: str, val_fraction: float) -> bool:
 
 
 class _SplitWriter:
-    def __init__(self, directory: Path, split: str, dtype):
-        self.file = (directory / f"{split}.tokens").open("wb")
-        self.directory, self.split, self.dtype = directory, split, dtype
-        self.offsets, self.count, self.nbytes = [0], 0, 0
+    """One split's files; with `weights` (chat data) also <split>.weights, a uint8 loss
+    weight per token (1: trained on)."""
 
-    def add(self, ids: list[int], eos_id: int, text_bytes: int) -> None:
-        array = np.asarray(ids + [eos_id], dtype=self.dtype)
+    def __init__(self, directory: Path, split: str, dtype, weights: bool = False):
+        self.file = (directory / f"{split}.tokens").open("wb")
+        self.weights = (directory / f"{split}.weights").open("wb") if weights else None
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.offsets, self.count, self.nbytes, self.trained = [0], 0, 0, 0
+
+    def add(self, ids: list[int], eos_id: int | None, text_bytes: int,
+            weights: np.ndarray | None = None) -> None:
+        array = np.asarray(list(ids) + ([] if eos_id is None else [eos_id]), dtype=self.dtype)
         array.tofile(self.file)
+        if self.weights is not None:
+            np.asarray(weights, np.uint8).tofile(self.weights)
+            self.trained += int(np.sum(weights))
         self.count += len(array)
         self.offsets.append(self.count)
         self.nbytes += text_bytes
 
     def close(self) -> dict:
         self.file.close()
+        if self.weights is not None:
+            self.weights.close()
         np.save(self.directory / f"{self.split}.offsets.npy", np.asarray(self.offsets, np.int64))
-        return {"documents": len(self.offsets) - 1, "tokens": self.count, "bytes": self.nbytes}
+        out = {"documents": len(self.offsets) - 1, "tokens": self.count, "bytes": self.nbytes}
+        return out | ({"trained_tokens": self.trained} if self.weights is not None else {})
+
+
+def data_kind(inputs: str, data_format: str, text_field: str) -> str:
+    """'text' or 'chat': data.format, or for `auto` the fields of the first row
+    (messages, or prompt and completion: chat)."""
+    row = first_record(inputs)
+    found = row_kind(row) if row is not None else None
+    if data_format == "text":
+        return "text"
+    if data_format == "chat" and found != "chat":
+        fields = ", ".join(row) if row else "no rows of fields"
+        raise DataError(f"data.format=chat but the rows of {expand(inputs)[0][0]} have no "
+                        f"'messages' nor 'prompt' and 'completion' (has: {fields})")
+    if found == "preference" and text_field not in row:
+        raise DataError(f"{expand(inputs)[0][0]}: preference rows (chosen, rejected) are "
+                        "DPO's data, which this version does not train on yet")
+    return "chat" if found == "chat" and (data_format == "chat" or text_field not in row) \
+        else "text"
 
 
 def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
             text_field: str = "text", val_fraction: float = 0.05,
-            eos_token: str | None = None, progress: bool = True, replace: bool = True,
+            eos_token: str | None = None, data_format: str = "auto",
+            seq_len: int | None = None, progress: bool = True, replace: bool = True,
             log: Callable[[str], None] = print) -> dict:
     """Tokenize `inputs` (a path, directory or glob) into the prepared directory `output`,
     written under a temporary name and renamed when complete (an earlier prepared
-    directory there is replaced when `replace`). Returns its meta."""
+    directory there is replaced when `replace`). Returns its meta. Chat data (see
+    data_kind) is rendered with the tokenizer's chat template (train/data/chat.py);
+    `seq_len` only counts, in the summary, the examples longer than a sequence."""
     output = Path(output)
     if output.exists() and not is_prepared(output) and any(output.iterdir()):
         raise DataError(f"--output {output} exists and is not a prepared data directory; "
                         "choose another path or remove it")
     tok = load_tokenizer(tokenizer, eos_token)
     expand(inputs)  # a missing input fails here, before any work
+    kind = data_kind(inputs, data_format, text_field)
+    encoder = ChatEncoder(tok, load_template(tok.path)) if kind == "chat" else None
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    writers = {s: _SplitWriter(tmp, s, dtype) for s in SPLITS}
+    writers = {s: _SplitWriter(tmp, s, dtype, weights=kind == "chat") for s in SPLITS}
     start = time.perf_counter()
     bar = None  # shown once the first batch is read: an unreadable input fails first
     skipped: list[str] = []
+    lengths: list[int] = []
     try:
-        for batch in _batches(documents(inputs, text_field, skipped)):
-            bar = bar or tqdm(desc="prepare", unit=" docs", disable=not progress,
-                              dynamic_ncols=True)
+        if kind == "chat":
+            for doc_id, where, row in records(inputs):
+                if bar is None:
+                    bar = tqdm(desc="prepare", unit=" rows", disable=not progress,
+                               dynamic_ncols=True)
+                if row_kind(row) != "chat":
+                    raise DataError(f"{where}: no 'messages' nor 'prompt' and 'completion' "
+                                    f"(has: {', '.join(row)})")
+                split = "val" if in_val(doc_id, val_fraction) else "train"
+                for ex in encoder.encode(row, where):
+                    writers[split].add(ex.ids, None, 0, ex.weights)
+                    lengths.append(len(ex.ids))
+                bar.update(1)
+        for batch in _batches(documents(inputs, text_field, skipped) if kind == "text" else ()):
+            if bar is None:
+                bar = tqdm(desc="prepare", unit=" docs", disable=not progress,
+                           dynamic_ncols=True)
             ids = tok.encode_batch([text for _, text in batch])
             for (doc_id, text), doc_ids in zip(batch, ids):
                 split = "val" if in_val(doc_id, val_fraction) else "train"
@@ -143,10 +193,14 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
                             "files skipped)")
         raise DataError(f"data input {inputs!r}: every document went to validation; lower "
                         "data.val_fraction or add documents")
-    meta = {"format": FORMAT, "inputs": inputs, "tokenizer": save_tokenizer(tok, tmp),
+    meta = {"format": FORMAT, "kind": kind, "inputs": inputs,
+            "tokenizer": save_tokenizer(tok, tmp),
             "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "eos_token": getattr(tok, "eos_token", None), "dtype": np.dtype(dtype).name,
             "text_field": text_field, "val_fraction": val_fraction, "splits": counts}
+    if encoder is not None:
+        meta["chat_template"] = save_template(encoder.template, tmp)
+        meta["per_turn_conversations"] = encoder.per_turn
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if output.exists() and replace:
         shutil.rmtree(output)
@@ -157,6 +211,19 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
         raise
     seconds = time.perf_counter() - start
     total = {k: sum(c[k] for c in counts.values()) for k in ("documents", "tokens", "bytes")}
+    if kind == "chat":
+        trained = sum(c["trained_tokens"] for c in counts.values())
+        longer = sum(n > seq_len for n in lengths) if seq_len else 0
+        log(f"prepared {output}: {total['documents']:,} chat examples "
+            f"({counts['train']['documents']:,} train / {counts['val']['documents']:,} val), "
+            f"{total['tokens']:,} tokens of which "
+            f"{trained:,} trained on (the assistant's), {tok.kind} tokenizer "
+            f"({tok.vocab_size:,} tokens), {seconds:.1f} s"
+            + (f"; {encoder.per_turn:,} conversations as one example per assistant turn (the "
+               "template rewrites earlier turns)" if encoder.per_turn else "")
+            + (f"; {longer:,} examples longer than train.seq_len={seq_len} (data.overlong "
+               "says what training does with them)" if longer else ""))
+        return meta
     log(f"prepared {output}: {total['documents']:,} documents, {total['tokens']:,} tokens "
         f"({counts['train']['tokens']:,} train / {counts['val']['tokens']:,} val), "
         f"{total['bytes']:,} bytes of text, {total['bytes'] / max(total['tokens'], 1):.2f} "
@@ -177,11 +244,12 @@ def _batches(docs: Iterable[tuple[str, str]]) -> Iterable[list[tuple[str, str]]]
 
 
 def fingerprint(inputs: str, tokenizer: str, text_field: str, val_fraction: float,
-                eos_token: str | None) -> str:
+                eos_token: str | None, data_format: str = "auto") -> str:
     """Names the cache of raw inputs prepared on the fly: changes when a file, the
-    tokenizer or a setting changes."""
+    tokenizer (and the chat template beside it) or a setting changes."""
     h = hashlib.sha256(json.dumps([FORMAT, inputs, tokenizer, text_field, val_fraction,
-                                   eos_token]).encode())
+                                   eos_token] + ([data_format] if data_format != "auto"
+                                                 else [])).encode())
     for path, name in expand(inputs):
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
             if f.is_file():
@@ -189,19 +257,22 @@ def fingerprint(inputs: str, tokenizer: str, text_field: str, val_fraction: floa
                 h.update(f"{name}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     if tokenizer != "byte" and Path(tokenizer).is_file():
         h.update(Path(tokenizer).read_bytes())
+        for beside in ("chat_template.jinja", "tokenizer_config.json"):
+            if (Path(tokenizer).parent / beside).is_file():
+                h.update((Path(tokenizer).parent / beside).read_bytes())
     return h.hexdigest()[:16]
 
 
 def ensure_prepared(path: str, cache_dir: str, tokenizer: str, text_field: str,
-                    val_fraction: float, eos_token: str | None,
-                    log: Callable[[str], None] = print) -> str:
+                    val_fraction: float, eos_token: str | None, data_format: str = "auto",
+                    seq_len: int | None = None, log: Callable[[str], None] = print) -> str:
     """`path` itself when it is a prepared directory; otherwise raw inputs, prepared
     once into cache_dir/<fingerprint> (concurrent processes each write a temporary
     directory; the first rename wins)."""
     if is_prepared(path):
         return path
     target = Path(os.path.expanduser(cache_dir)) / fingerprint(
-        path, tokenizer, text_field, val_fraction, eos_token)
+        path, tokenizer, text_field, val_fraction, eos_token, data_format)
     if is_prepared(target):
         log(f"data: {path} already prepared in {target}")
         return str(target)
@@ -209,7 +280,8 @@ def ensure_prepared(path: str, cache_dir: str, tokenizer: str, text_field: str,
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         prepare(path, target, tokenizer, text_field=text_field, val_fraction=val_fraction,
-                eos_token=eos_token, progress=False, replace=False, log=log)
+                eos_token=eos_token, data_format=data_format, seq_len=seq_len,
+                progress=False, replace=False, log=log)
     except OSError as e:
         if is_prepared(target):  # lost a race to another process: theirs is complete
             return str(target)

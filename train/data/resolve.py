@@ -39,18 +39,19 @@ def resolve_data(cfg: Config) -> tuple[Config, str | None]:
     if d.path is None:
         return cfg, None
     path = ensure_prepared(d.path, d.cache_dir, d.tokenizer, d.text_field, d.val_fraction,
-                           d.eos_token, log=log.info)
+                           d.eos_token, d.format, cfg.train.seq_len, log=log.info)
     meta = read_meta(path)
     return resolve_vocab(cfg, meta["vocab_size"], path), path
 
 
-def tokenizer_file(path: str | None) -> Path | None:
+def tokenizer_files(path: str | None) -> list[Path]:
     """The tokenizer file a run's data (its prepared directory, or None for the
-    embedded data) was tokenized with; None for the byte tokenizer."""
-    if path is None:
-        return None
-    spec = read_meta(path)["tokenizer"]
-    return None if spec == "byte" else Path(path) / spec
+    embedded data) was tokenized with, and the chat template that rendered it (with its
+    tokenizer_config.json) if any; none for the byte tokenizer."""
+    if path is None or read_meta(path)["tokenizer"] == "byte":
+        return []
+    names = [read_meta(path)["tokenizer"], "chat_template.jinja", "tokenizer_config.json"]
+    return [Path(path) / n for n in names if (Path(path) / n).is_file()]
 
 
 def run_tokenizer(cfg: Config) -> Tokenizer:

@@ -156,3 +156,58 @@ def hf_dataset_documents(path: Path, name: str, field: str) -> Iterator[tuple[st
             row += 1
     if not row:
         raise DataError(f"{path}: the dataset has no rows")
+
+
+def records(spec: str) -> Iterator[tuple[str, str, dict]]:
+    """(id, where, row) of every row of JSONL, Parquet or `datasets` inputs, each row a
+    dict of its fields (for chat and preference data); `where` names the file and line
+    or row for messages."""
+    for path, name in expand(spec):
+        if is_hf_dataset(path):
+            yield from _dataset_records(path, name)
+        elif path.suffix == ".jsonl":
+            with path.open("rb") as f:
+                for number, raw in enumerate(f, 1):
+                    if raw.strip():
+                        where = f"{path} line {number}"
+                        try:
+                            row = json.loads(decode(raw, where))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+                        if not isinstance(row, dict):
+                            raise DataError(f"{where}: a JSON {type(row).__name__}, not an "
+                                            "object of fields")
+                        yield f"{name}:{number}", where, row
+        elif path.suffix == ".parquet":
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # noqa: BLE001 - a corrupt or non-Parquet file
+                raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})"
+                                ) from None
+            for number, row in enumerate(table.to_pylist()):
+                yield f"{name}:{number}", f"{path} row {number}", row
+        else:
+            raise DataError(f"{path}: chat and preference data is read from .jsonl, .parquet "
+                            "or `datasets` directories, not text files")
+
+
+def _dataset_records(path: Path, name: str) -> Iterator[tuple[str, str, dict]]:
+    if (path / "dataset_dict.json").exists():
+        path, name = path / "train", f"{name}/train"
+    state = json.loads((path / "state.json").read_text())
+    number = 0
+    for shard in state["_data_files"]:
+        with pa.memory_map(str(path / shard["filename"])) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        for row in table.to_pylist():
+            yield f"{name}:{number}", f"{path} row {number}", row
+            number += 1
+
+
+def first_record(spec: str) -> dict | None:
+    """The first row of the first JSONL, Parquet or `datasets` input (None for text
+    files): what data.format=auto tells the kind of data by."""
+    path, _ = expand(spec)[0]
+    if not (path.suffix in (".jsonl", ".parquet") or is_hf_dataset(path)):
+        return None
+    return next((row for _, _, row in records(str(path))), None)
