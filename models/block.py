@@ -18,16 +18,18 @@ if TYPE_CHECKING:
 def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
           x_BTD: jax.Array, positions_BT: jax.Array,
           segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None,
-          layer: int | jax.Array = 0
+          layer: int | jax.Array = 0, key: jax.Array | None = None
           ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
     """One pre-norm Transformer layer; `p` holds this layer's parameters (with a
     "router": a mixture-of-experts layer). Training, evaluation, prefill and decode all
     run it; with a KV cache (the last two) it also returns the cache with this layer's
-    keys and values written in. Last, the MoE router's sums (models/moe.py; {} if dense)."""
+    keys and values written in. Last, the MoE router's sums (models/moe.py; {} if dense).
+    `key` draws the LoRA adapters' dropout (training only)."""
     with jax.named_scope("attention"):
         h_BTD = layers.norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), cfg.norm_eps)
         out_BTD, cache = layers.attention(cfg, p, h_BTD, positions_BT, constrain,
-                                          segment_ids_BT, cache, layer)
+                                          segment_ids_BT, cache, layer,
+                                          None if key is None else jax.random.fold_in(key, 0))
         x_BTD = constrain(x_BTD + out_BTD, ("batch", "act_length", "act_embed"))
     with jax.named_scope("mlp"):
         h_BTD = layers.norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), cfg.norm_eps)
@@ -35,6 +37,7 @@ def block(cfg: ModelConfig, constrain: Constrain, p: Mapping[str, jax.Array],
         if "router" in p:
             out_BTD, stats = moe_mlp(cfg, p, h_BTD, constrain)
         else:
-            out_BTD = layers.mlp(cfg, p, h_BTD, constrain)
+            out_BTD = layers.mlp(cfg, p, h_BTD, constrain,
+                                 None if key is None else jax.random.fold_in(key, 1))
         x_BTD = constrain(x_BTD + out_BTD, ("batch", "act_length", "act_embed"))
     return x_BTD, cache, stats

@@ -38,6 +38,28 @@ class MoeConfig:
         return self.num_experts > 0
 
 
+# LoRA targets: attention's query, key, value and output projections and the dense
+# MLP's (Llama's gate, up and down; GPT-2's up and down)
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the layers' projections, the base weights frozen
+    (models/lora.py). rank=0: off, full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input, in training
+    targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    # the frozen base weights' dtype (bfloat16 halves their memory); null: param_dtype
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One decoder-only Transformer. `style` picks the GPT-2 or the Llama recipe.
@@ -91,6 +113,13 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+    @property
+    def base_param_dtype(self) -> str:
+        """The dtype of every parameter but the LoRA adapters."""
+        return (self.lora.base_dtype or self.param_dtype) if self.lora.enabled \
+            else self.param_dtype
 
     @property
     def expert_width(self) -> int:
@@ -124,6 +153,7 @@ class ModelConfig:
             raise ValueError("model.rope_low_freq_factor must be positive and below "
                              "model.rope_high_freq_factor")
         self._check_moe()
+        self._check_lora()
         for key in ("vocab_size", "vocab_chunks", "attention_block", "num_layers", "d_model",
                     "num_heads", "mlp_dim", "max_seq_len"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
@@ -158,3 +188,21 @@ class ModelConfig:
         if m.expert_mlp_dim is not None and m.expert_mlp_dim <= 0:
             raise ValueError(f"model.moe.expert_mlp_dim must be positive, got "
                              f"{m.expert_mlp_dim}")
+
+    def _check_lora(self) -> None:
+        lo = self.lora
+        if lo.rank < 0:
+            raise ValueError(f"model.lora.rank must be >= 0 (0: off), got {lo.rank}")
+        if not lo.enabled:
+            return
+        unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+        if unknown or not lo.targets:
+            raise ValueError(f"model.lora.targets has {unknown or 'nothing'}; allowed: "
+                             f"{', '.join(LORA_TARGETS)}")
+        if self.style == "gpt2" and "gate" in lo.targets:
+            raise ValueError("model.lora.targets names 'gate', which a GPT-2 model has not "
+                             "(its MLP is up and down); leave it out")
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={lo.dropout} must be in [0, 1)")
+        if lo.alpha <= 0:
+            raise ValueError(f"model.lora.alpha must be positive, got {lo.alpha}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from models import lora
 from models.attention import blocked_attention, cached_attention, splash_fits
 from models.config import ModelConfig
 from models.context import context_attention
@@ -204,13 +205,14 @@ def _bias(p: Mapping[str, jax.Array], name: str, dtype) -> jax.Array | float:
 
 
 def qkv(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
-        positions_BT: jax.Array, constrain: Constrain
+        positions_BT: jax.Array, constrain: Constrain, key: jax.Array | None = None
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries (B, T, N, H), keys and values (B, T, K, H); RoPE applied (Llama)."""
+    """Queries (B, T, N, H), keys and values (B, T, K, H); RoPE applied (Llama). `key`:
+    the LoRA adapters' dropout (training)."""
     dt = h_BTD.dtype
-    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt)) + _bias(p, "q_bias", dt)
-    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt)) + _bias(p, "k_bias", dt)
-    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"].astype(dt)) + _bias(p, "v_bias", dt)
+    q_BTNH = lora.project(cfg, p, "wq", h_BTD, "btd,dnh->btnh", key) + _bias(p, "q_bias", dt)
+    k_BTKH = lora.project(cfg, p, "wk", h_BTD, "btd,dkh->btkh", key) + _bias(p, "k_bias", dt)
+    v_BTKH = lora.project(cfg, p, "wv", h_BTD, "btd,dkh->btkh", key) + _bias(p, "v_bias", dt)
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H, before RoPE
         q_BTNH = norm(q_BTNH, p["q_norm_scale"], None, cfg.norm_eps)
         k_BTKH = norm(k_BTKH, p["k_norm_scale"], None, cfg.norm_eps)
@@ -223,30 +225,31 @@ def qkv(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
             constrain(v_BTKH, ("batch", "act_length", "act_kv_heads", None)))
 
 
-def attention_out(p: Mapping[str, jax.Array], out_BTNH: jax.Array, constrain: Constrain
-                  ) -> jax.Array:
+def attention_out(cfg: ModelConfig, p: Mapping[str, jax.Array], out_BTNH: jax.Array,
+                  constrain: Constrain, key: jax.Array | None = None) -> jax.Array:
     """The heads' outputs (B, T, N, H) projected back to (B, T, D)."""
     dt = out_BTNH.dtype
     out_BTNH = constrain(out_BTNH, ("batch", "act_length", "act_heads", None))
-    out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["wo"].astype(dt))
+    out_BTD = lora.project(cfg, p, "wo", out_BTNH, "btnh,nhd->btd", key)
     return out_BTD + _bias(p, "o_bias", dt)
 
 
 def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
               positions_BT: jax.Array, constrain: Constrain,
               segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None,
-              layer: int | jax.Array = 0) -> tuple[jax.Array, KVCache | None]:
+              layer: int | jax.Array = 0, key: jax.Array | None = None
+              ) -> tuple[jax.Array, KVCache | None]:
     """Causal self-attention; with segment ids (packed documents), a token attends only
     to earlier tokens of its own segment. With a KV cache, this call's keys and values
     are written into layer `layer` of it and the queries attend to the cached slots;
-    the updated cache is returned (None without one)."""
-    q_BTNH, k_BTKH, v_BTKH = qkv(cfg, p, h_BTD, positions_BT, constrain)
+    the updated cache is returned (None without one). `key`: LoRA dropout."""
+    q_BTNH, k_BTKH, v_BTKH = qkv(cfg, p, h_BTD, positions_BT, constrain, key)
     if cache is not None:
         cache = cache.write(layer, k_BTKH, v_BTKH, constrain)
         k_BSKH, v_BSKH = cache.layer(layer)
         out_BTNH = cached_attention(q_BTNH, k_BSKH, v_BSKH, cache.slots(q_BTNH.shape[1]),
                                     cache.pad_B)
-        return attention_out(p, out_BTNH, constrain), cache
+        return attention_out(cfg, p, out_BTNH, constrain, key), cache
     platform = getattr(constrain, "platform", jax.default_backend())
     if _length_split(constrain):  # context parallel
         ways = constrain.ways("act_length")
@@ -256,7 +259,7 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
                                      functools.partial(per_shard, constrain),
                                      constrain.mesh_axes("act_length"), ways, kernel,
                                      interpret=platform != "tpu")
-        return attention_out(p, out_BTNH, constrain), None
+        return attention_out(cfg, p, out_BTNH, constrain, key), None
     impl = attention_impl(cfg, platform, q_BTNH.shape[1])
     if segment_ids_BT is not None and impl == "cudnn":
         impl = "blocked"  # the cuDNN path is not verified with masks here
@@ -275,7 +278,7 @@ def attention(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
             segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS,
                                                 is_causal=True, implementation=impl)
-    return attention_out(p, out_BTNH, constrain), None
+    return attention_out(cfg, p, out_BTNH, constrain, key), None
 
 
 # SwiGLU's activation silu(gate) * up, computed in fp32 and rounded once to the compute
@@ -323,11 +326,15 @@ def swiglu_mlp(h_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,
 
 
 def mlp(cfg: ModelConfig, p: Mapping[str, jax.Array], h_BTD: jax.Array,
-        constrain: Constrain) -> jax.Array:
+        constrain: Constrain, key: jax.Array | None = None) -> jax.Array:
+    """The dense MLP: Llama's SwiGLU (swiglu_mlp) or GPT-2's GELU; `key`: LoRA dropout."""
     dt = h_BTD.dtype
     if cfg.style == "llama":
-        return swiglu_mlp(h_BTD, p["w_gate"], p["w_up"], p["w_out"], constrain)
-    up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_in"].astype(dt)) + _bias(p, "in_bias", dt)
+        gate_BTF = lora.project(cfg, p, "w_gate", h_BTD, "btd,df->btf", key)
+        up_BTF = lora.project(cfg, p, "w_up", h_BTD, "btd,df->btf", key)
+        act_BTF = constrain(swiglu_f32(gate_BTF, up_BTF), ("batch", "act_length", "act_mlp"))
+        return lora.project(cfg, p, "w_out", act_BTF, "btf,fd->btd", key)
+    up_BTF = lora.project(cfg, p, "w_in", h_BTD, "btd,df->btf", key) + _bias(p, "in_bias", dt)
     act_BTF = constrain(gelu_f32(up_BTF), ("batch", "act_length", "act_mlp"))
-    out_BTD = jnp.einsum("btf,fd->btd", act_BTF, p["w_out"].astype(dt))
+    out_BTD = lora.project(cfg, p, "w_out", act_BTF, "btf,fd->btd", key)
     return out_BTD + _bias(p, "out_bias", dt)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import head, layers
+from models import head, layers, lora
 from models.block import block
 from models.cache import KVCache, init_cache
 from models.config import ModelConfig
@@ -47,8 +47,8 @@ class StackedBlocks(nnx.Module):
                  first: int = 0, moe: bool = False):
         L, D, N, K, H, F = (num_layers or cfg.num_layers, cfg.d_model, cfg.num_heads,
                             cfg.kv_heads, cfg.head_size, cfg.mlp_dim)
-        self.num_layers, self.first = L, first
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.num_layers, self.first, self.moe = L, first, moe
+        pd, std = jnp.dtype(cfg.base_param_dtype), cfg.init_std
         # GPT-2: residual projections scaled by the whole model's depth
         out_std = std / math.sqrt(2 * cfg.num_layers)
         gpt2 = cfg.style == "gpt2"
@@ -98,6 +98,14 @@ class StackedBlocks(nnx.Module):
             self.shared_up = p(rngs.params(), (L, D, S), ("layers", "embed", "mlp"), std)
             self.shared_out = p(rngs.params(), (L, S, D), ("layers", "mlp", "embed"), out_std)
 
+    def add_adapters(self, cfg: ModelConfig, key: jax.Array) -> None:
+        """LoRA adapters (A, B) beside the weights this stack adapts (models/lora.py)."""
+        for i, name in enumerate(lora.adapted(cfg, self.moe)):
+            a, b = lora.adapters(jax.random.fold_in(key, i), name, getattr(self, name),
+                                 cfg.lora.rank, jnp.dtype(cfg.param_dtype))
+            setattr(self, name + lora.A, a)
+            setattr(self, name + lora.B, b)
+
     def stacked(self) -> dict[str, jax.Array]:
         return {name: var.get_value() for name, var in vars(self).items()
                 if isinstance(var, nnx.Param)}
@@ -109,11 +117,12 @@ class StackedBlocks(nnx.Module):
 
     def __call__(self, cfg: ModelConfig, constrain: Constrain, x_BTD: jax.Array,
                  positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-                 cache: KVCache | None = None
+                 cache: KVCache | None = None, dropout_key: jax.Array | None = None
                  ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
         """These layers on x_BTD (one `lax.scan` over the stacked parameters, or a Python
         loop); with a KV cache, each layer writes its keys and values into it. Also
-        returns each layer's MoE router sums, stacked (L, ...) ({} for dense layers)."""
+        returns each layer's MoE router sums, stacked (L, ...) ({} for dense layers).
+        `dropout_key`: the LoRA adapters' dropout (training), folded with each layer."""
         axes, dt = self.layer_axes(), jnp.dtype(cfg.dtype)
 
         def body(p, x_BTD, layer, cache):
@@ -122,7 +131,9 @@ class StackedBlocks(nnx.Module):
             p = {k: v if v.ndim < 2 else layers.for_compute(v, axes[k], dt, constrain,
                                                             gather="experts" not in axes[k])
                  for k, v in p.items()}
-            return block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT, cache, layer)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
+            return block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT, cache, layer,
+                         key)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat],
@@ -156,7 +167,7 @@ class Transformer(nnx.Module):
                              "from the data's tokenizer)")
         self.cfg = cfg
         self.constrain = constrain or layers.no_constraint
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        pd, std = jnp.dtype(cfg.base_param_dtype), cfg.init_std
         V, D = cfg.vocab_size, cfg.d_model
         self.embedding = _param(rngs.params(), (V, D), ("vocab", "embed"), std, pd)
         if cfg.style == "gpt2":
@@ -173,6 +184,10 @@ class Transformer(nnx.Module):
             self.final_norm_bias = _param(None, (D,), ("vector",), 0.0, pd)
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (D, V), ("embed", "vocab"), std, pd)
+        if cfg.lora.enabled:  # drawn last: the base weights are those of the plain model
+            key = rngs.params()
+            for i, stack in enumerate(self.stacks()):
+                stack.add_adapters(cfg, jax.random.fold_in(key, i))
 
     def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                segment_ids_BT: jax.Array | None = None, cache: KVCache | None = None
@@ -186,10 +201,10 @@ class Transformer(nnx.Module):
 
     def hidden_and_router(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                           segment_ids_BT: jax.Array | None = None,
-                          cache: KVCache | None = None
+                          cache: KVCache | None = None, dropout_key: jax.Array | None = None
                           ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
         """`hidden`, and the MoE layers' router sums stacked (L_moe, ...) (models/moe.py
-        route; {} for a dense model)."""
+        route; {} for a dense model). `dropout_key`: LoRA dropout (training)."""
         cfg, constrain = self.cfg, self.constrain
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BT.shape
@@ -203,9 +218,10 @@ class Transformer(nnx.Module):
                                              dt, constrain, ("length", "embed"))
             x_BTD = constrain(x_BTD, ("batch", "act_length", "act_embed"))
         stats_L: dict[str, jax.Array] = {}
-        for stack in self.stacks():
+        for i, stack in enumerate(self.stacks()):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x_BTD, cache, stats = stack(cfg, constrain, x_BTD, positions_BT, segment_ids_BT,
-                                        cache)
+                                        cache, key)
             stats_L = stats_L or stats
         bias = self.final_norm_bias.get_value() if cfg.style == "gpt2" else None
         x_BTD = layers.norm(x_BTD, self.final_norm_scale.get_value(), bias, cfg.norm_eps)
@@ -252,12 +268,15 @@ class Transformer(nnx.Module):
 
     def logsumexp_and_target(self, tokens_BT: jax.Array, targets_BT: jax.Array,
                              positions_BT: jax.Array | None = None,
-                             segment_ids_BT: jax.Array | None = None
+                             segment_ids_BT: jax.Array | None = None,
+                             dropout_key: jax.Array | None = None
                              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """What the loss needs without the full logits: logsumexp over the vocabulary and
         the target's logit, (B, T) fp32 each, computed `cfg.vocab_chunks` slices at a time;
-        and the MoE auxiliary terms (models/moe.py aux_losses; {} for a dense model)."""
-        x_BTD, _, stats_L = self.hidden_and_router(tokens_BT, positions_BT, segment_ids_BT)
+        and the MoE auxiliary terms (models/moe.py aux_losses; {} for a dense model).
+        `dropout_key` draws the LoRA adapters' dropout (training)."""
+        x_BTD, _, stats_L = self.hidden_and_router(tokens_BT, positions_BT, segment_ids_BT,
+                                                   dropout_key=dropout_key)
         with jax.named_scope("head"):
             lse_BT, target_BT = head.logsumexp_and_target(
                 x_BTD, self.head_weight(), targets_BT, self.cfg.vocab_chunks, self.constrain,

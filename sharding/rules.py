@@ -21,11 +21,13 @@ Rules = dict[str, MeshAxes]
 # "vector": the d_model axis of 1-D per-layer parameters (norm scales, GPT-2's output
 # biases), replicated by every preset: sharding a few KB saves nothing and costs one
 # collective per use (docs/benchmarks.md has what that cost the tiny Llama).
+# "lora": the rank of LoRA adapters (a few dozen), replicated by every preset; the
+# adapters' other axes are those of the weight they adapt.
 # "experts": the expert dimension of MoE weights; "expert_embed": their d_model axis,
 # which cannot take the `expert` mesh axis the experts already use (the other weights'
 # "embed" may: expert ways FSDP-shard attention rather than replicate it).
 PARAM_NAMES = ("layers", "vocab", "embed", "vector", "mlp", "heads", "kv_heads", "head_dim",
-               "length", "experts", "expert_embed")
+               "length", "experts", "expert_embed", "lora")
 ACTIVATION_NAMES = ("batch", "act_length", "act_embed", "act_mlp", "act_heads",
                     "act_kv_heads", "act_vocab", "act_ids", "rows_embed")
 

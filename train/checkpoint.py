@@ -25,7 +25,7 @@ from train import storage
 from train.config import CheckpointConfig
 from train.errors import CheckpointError, PeerLost, SaveError, StorageError, exit_now
 from train.plan import Plan, state_arrays
-from train.state import init_state, state_with_params
+from train.state import combine, init_state, split_trainable, state_with_params
 
 STATE, META, CONFIG = "state", "meta", "config"
 log = logging.getLogger("train")
@@ -267,13 +267,33 @@ def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
                 f"{e.saved} there and {e.model} in this config); choose another output_dir "
                 "for this one (or delete that run)") from None
         log.info("resumed from step %d (%s)", latest, ckpts.directory)
-        return plan.abstract.replace(**arrays), latest, meta.get("data")
+        return with_base(plan, arrays, initial_params), latest, meta.get("data")
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
         arrays, meta = source.restore(step, target)
         log.info("resumed from step %d of %s", step, source.directory)
-        return plan.abstract.replace(**arrays), step, meta.get("data")
+        return with_base(plan, arrays, initial_params), step, meta.get("data")
     if initial_params is not None:
         return state_with_params(plan.init, plan.shardings, cfg.train.seed,
                                  initial_params()), 0, None
     return init_state(plan.init, plan.shardings, cfg.train.seed), 0, None
+
+
+def with_base(plan: Plan, arrays: dict[str, Any],
+              initial_params: Callable[[], Any] | None) -> Any:
+    """The state of restored checkpoint arrays, with what checkpoints leave out read
+    again from where the run started (model.init_from: `initial_params`, or, without
+    one, the seeded init): a LoRA run's frozen base (its checkpoints hold the adapters)
+    and a full fine-tuning DPO run's frozen reference model."""
+    state = plan.abstract.replace(**arrays)
+    lora = plan.cfg.model.lora.enabled
+    if not lora and state.reference is None:
+        return state
+    if initial_params is not None:
+        source = initial_params()
+    else:
+        source = init_state(plan.init, plan.shardings, plan.cfg.train.seed).params
+        source = split_trainable(source, True)[1] if lora else source
+    if lora:
+        return state.replace(params=combine(arrays["params"], source))
+    return state.replace(reference=source)

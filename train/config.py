@@ -115,12 +115,30 @@ class TrainConfig:
     # A NaN/Inf loss or gradient norm: "stop" the run (the last good checkpoint stays) or
     # "skip" the update and go on (counted as skipped_steps in the metrics).
     nonfinite: Literal["stop", "skip"] = "stop"
+    # what is minimised: "lm", next-token cross-entropy (pre-training, SFT), or "dpo",
+    # Direct Preference Optimization on preference pairs (the `dpo` section)
+    objective: Literal["lm", "dpo"] = "lm"
 
     def check(self) -> None:
         _positive("train", self, "steps", "batch_size", "microbatches", "seq_len", "log_every")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"train.batch_size={self.batch_size} does not divide by "
                               f"train.microbatches={self.microbatches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """Direct Preference Optimization (train.objective=dpo; train/dpo.py)."""
+
+    beta: float = 0.1  # how far from the reference the policy may move (TRL's beta)
+    label_smoothing: float = 0.0  # the chance a pair's preference is flipped (cDPO)
+
+    def check(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in "
+                              "[0, 0.5)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +259,7 @@ class Config:
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -535,7 +554,7 @@ def validate(cfg: Config) -> None:
         cfg.model.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.data, cfg.eval, cfg.checkpoint,
+    for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.dpo, cfg.data, cfg.eval, cfg.checkpoint,
                     cfg.distributed, cfg.metrics, cfg.profile):
         section.check()
     if cfg.train.seq_len > cfg.model.max_seq_len:
@@ -545,6 +564,9 @@ def validate(cfg: Config) -> None:
             and cfg.model.vocab_size is not None and cfg.model.vocab_size < 256):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the "
                           "byte-level stdlib corpus: it needs at least 256")
+    if cfg.train.objective == "dpo" and cfg.data.path is None:
+        raise ConfigError("train.objective=dpo trains on preference pairs: set data.path to "
+                          "rows of prompt, chosen and rejected")
     _not_s3("output_dir", cfg.output_dir)
 
 

@@ -35,6 +35,7 @@ from train.inference.load import (
     read_export_info,
     restore_export,
 )
+from train.state import init_state, split_trainable
 
 log = logging.getLogger("train")
 
@@ -43,7 +44,8 @@ HF = "hf:"
 # not what the parameters are
 OWN_KEYS = ("init_from", "dtype", "param_dtype", "scan_layers", "remat", "attention",
             "attention_block", "context_attention", "vocab_chunks", "init_std",
-            "moe.kernel", "moe.row_chunks", "moe.aux_loss_coef", "moe.router_z_loss_coef")
+            "moe.kernel", "moe.row_chunks", "moe.aux_loss_coef", "moe.router_z_loss_coef",
+            "lora.rank", "lora.alpha", "lora.dropout", "lora.targets", "lora.base_dtype")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -105,6 +107,10 @@ def source_model(source: str, vocab_multiple: int) -> tuple[dict, str | None]:
     else:
         ckpts, step = find_checkpoint(directory, "model.init_from")
         model = checkpoint_config(ckpts, step)["model"]
+        if (model.get("lora") or {}).get("rank"):
+            raise ConfigError(f"model.init_from={source} is a LoRA run, whose checkpoints "
+                              "hold its adapters only: merge them first (python -m "
+                              "train.export --checkpoint RUN --output DIR) and start from DIR")
         root = epath.Path(ckpts.directory)
         artifact = str(root.parent if root.name == "checkpoints" else root)
     tokenizer = next((str(epath.Path(artifact) / name) for name in TOKENIZER_FILES
@@ -134,6 +140,8 @@ def resolve(raw: dict) -> dict:
                           f"whose {key} is {full[key]!r}; leave model.{key} out (the source "
                           "sets the model's shape)")
     own = {k: v for k, v in mine.items() if k in OWN_KEYS}
+    # saved with the run's config, the source must name the same place from anywhere
+    own["init_from"] = (HF if str(source).startswith(HF) else "") + _local(str(source))
     out = dict(raw, model=_unflat({**{k: v for k, v in full.items() if k not in OWN_KEYS},
                                    **own}))
     if tokenizer and data.get("tokenizer", "byte") == "byte":
@@ -168,12 +176,11 @@ def initial_params(cfg, plan) -> Callable[[], Any] | None:
         return None
 
     def read():
-        target = plan.params_target()
+        target = plan.base_target()  # with LoRA, the adapters stay fresh
         directory = _local(source)
         if source.startswith(HF):
             family = families.family_of(hf_config(directory))
-            params = load_params(directory, cfg.model, family.mapping(cfg.model), target,
-                                 cfg.model.param_dtype)
+            params = load_params(directory, cfg.model, family.mapping(cfg.model), target)
         elif is_export(directory):
             params = restore_export(directory, target)
         else:
@@ -183,3 +190,14 @@ def initial_params(cfg, plan) -> Callable[[], Any] | None:
         return params
 
     return read
+
+
+def base_params(cfg, plan) -> Any:
+    """The frozen base of a LoRA model (its checkpoints hold the adapters only):
+    model.init_from's parameters, or those of the seeded init a run without a source
+    started from."""
+    read = initial_params(cfg, plan)
+    if read is not None:
+        return read()
+    return split_trainable(init_state(plan.init, plan.shardings, cfg.train.seed).params,
+                           True)[1]

@@ -150,6 +150,8 @@ def format_row(row: dict) -> str:
             f" | {row['tflops_per_device']:.3f} TFLOP/s/device | MFU {mfu}"
             + (f" | moe_aux {row['moe_aux_loss']:.3f} expert_load {row['expert_load']:.2f}"
                if "expert_load" in row else "")
+            + (f" | reward_margin {row['reward_margin']:.3f} accuracy "
+               f"{row['reward_accuracy']:.2f}" if "reward_margin" in row else "")
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
                if "eval_loss" in row else ""))
 

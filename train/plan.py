@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 import sharding
 from models.attention import splash_fits
 from train.config import Config, ConfigError
-from train.state import TrainState, init_state, make_init, state_shardings
+from train.state import TrainState, init_state, make_init, split_trainable, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,16 @@ class Plan:
                             state_arrays(self.abstract), state_arrays(self.shardings))
 
     def params_target(self):
-        """The parameters of `state_target()` (an nnx.State of ShapeDtypeStructs)."""
+        """The parameters a checkpoint holds (of `state_target()`: with LoRA the
+        adapters), an nnx.State of ShapeDtypeStructs with their shardings."""
         return self.state_target()["params"]
+
+    def base_target(self):
+        """Every parameter but LoRA's adapters (what model.init_from reads; the frozen
+        base with LoRA, all of them without), as ShapeDtypeStructs with shardings."""
+        full = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.abstract.params, self.shardings.params)
+        return split_trainable(full, True)[1] if self.cfg.model.lora.enabled else full
 
     def abstract_state(self) -> TrainState:
         """The abstract state with its shardings attached (for ahead-of-time lowering)."""
@@ -68,8 +76,10 @@ class Plan:
 
 
 def state_arrays(state) -> dict[str, Any]:
-    """The arrays of a TrainState that a checkpoint holds."""
-    return {"step": state.step, "skipped": state.skipped, "params": state.params,
+    """The arrays of a TrainState that a checkpoint holds: with LoRA the adapters, not
+    the frozen base its config names (model.init_from)."""
+    params = split_trainable(state.params, state.step_cfg.lora)[0]
+    return {"step": state.step, "skipped": state.skipped, "params": params,
             "opt_state": state.opt_state}
 
 

@@ -25,6 +25,24 @@ class StepConfig:
 
     z_loss: float
     schedule: Callable[[jax.Array], jax.Array]
+    lora: bool = False  # only the LoRA adapters are trained (split_trainable)
+    dropout_seed: int | None = None  # LoRA dropout's keys: from (seed, step, microbatch)
+    objective: str = "lm"  # train.objective: lm or dpo (train/dpo.py)
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+
+
+def split_trainable(params: nnx.State, lora: bool) -> tuple[nnx.State, nnx.State]:
+    """(what the optimizer trains, what stays frozen): with LoRA the adapters
+    (nnx.LoRAParam) and the base weights, else every parameter and nothing."""
+    if not lora:
+        return params, nnx.State({})
+    return nnx.split_state(params, nnx.LoRAParam, ...)
+
+
+def combine(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
+    """split_trainable's parts back into one parameter State."""
+    return nnx.merge_state(trainable, frozen) if len(jax.tree.leaves(frozen)) else trainable
 
 
 @struct.dataclass
@@ -36,6 +54,9 @@ class TrainState:
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     step_cfg: StepConfig = struct.field(pytree_node=False)
+    # DPO with full fine-tuning: the frozen reference model's parameters (the starting
+    # ones; not checkpointed: read again from where they came). None otherwise.
+    reference: nnx.State | None = None
 
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params)
@@ -58,15 +79,21 @@ def make_init(cfg: Config, mesh: Mesh, rules) -> Callable[[jax.Array], TrainStat
     """init(key) -> TrainState; pure, so it can be eval_shape'd and jitted."""
     constrain = sharding.ActivationSharding.create(mesh, rules)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    step_cfg = StepConfig(z_loss=cfg.train.z_loss, schedule=schedule)
+    lora = cfg.model.lora
+    step_cfg = StepConfig(z_loss=cfg.train.z_loss, schedule=schedule, lora=lora.enabled,
+                          dropout_seed=cfg.train.seed if lora.enabled and lora.dropout > 0
+                          else None, objective=cfg.train.objective, dpo_beta=cfg.dpo.beta,
+                          dpo_label_smoothing=cfg.dpo.label_smoothing)
+    reference = cfg.train.objective == "dpo" and not lora.enabled
 
     def init(key: jax.Array) -> TrainState:
         model = Transformer(cfg.model, rngs=nnx.Rngs(params=key), constrain=constrain)
         graphdef, params = nnx.split(model)
+        trainable, _ = split_trainable(params, step_cfg.lora)  # no state for frozen weights
         return TrainState(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
                           params=params,
-                          opt_state=tx.init(params), graphdef=graphdef, tx=tx,
-                          step_cfg=step_cfg)
+                          opt_state=tx.init(trainable), graphdef=graphdef, tx=tx,
+                          step_cfg=step_cfg, reference=params if reference else None)
 
     return init
 
@@ -82,11 +109,17 @@ def init_state(init: Callable[[jax.Array], TrainState], shardings: Any, seed: in
 def state_with_params(init: Callable[[jax.Array], TrainState], shardings: Any, seed: int,
                       params: nnx.State) -> TrainState:
     """The state `init` builds, with these parameters (already laid out on their
-    shardings) in place of fresh ones and the optimizer state initialised from them:
-    fine-tuning's start. The fresh parameters are never computed (jit drops them)."""
+    shardings; with LoRA the frozen base, the adapters staying fresh) in place of fresh
+    ones and the optimizer state initialised from them: fine-tuning's start. Fresh
+    parameters that are replaced are never computed (jit drops them)."""
     def build(key, params):
         state = init(key)
-        return state.replace(params=params, opt_state=state.tx.init(params))
+        if state.step_cfg.lora:
+            params = combine(split_trainable(state.params, True)[0], params)
+        trainable, _ = split_trainable(params, state.step_cfg.lora)
+        reference = None if state.reference is None else params
+        return state.replace(params=params, opt_state=state.tx.init(trainable),
+                             reference=reference)
 
     key = jax.random.key(seed)
     fn = jax.jit(build, out_shardings=shardings, donate_argnums=1).lower(key, params)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.state import TrainState
+from train import dpo
+from train.state import TrainState, combine, split_trainable
 
 
 def loss_from_stats(lse_BT: jax.Array, target_BT: jax.Array, z_loss: float,
@@ -34,19 +35,32 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 MOE_TERMS = ("moe_aux_loss", "moe_z_loss", "expert_load")
+DPO_TERMS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 
 def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
-            total_weight: jax.Array, num_micro: int = 1):
+            total_weight: jax.Array, num_micro: int = 1, frozen: nnx.State | None = None,
+            dropout_key: jax.Array | None = None):
     """The microbatch's share of the loss, and its terms: ce, z (logit z-loss) and, for
     MoE models, moe_aux_loss, moe_z_loss (each microbatch's, divided by num_micro so
-    they add up to the mean) and expert_load."""
-    model = nnx.merge(state.graphdef, params)
+    they add up to the mean) and expert_load. `params` are the trained ones; `frozen`
+    the rest (LoRA's base weights); `dropout_key`: LoRA dropout. For DPO the terms are
+    train/dpo.py's, from micro["ref_logp"] (reference_logp), and total_weight counts
+    the global batch's pairs."""
+    model = nnx.merge(state.graphdef, params if frozen is None else combine(params, frozen))
     lse_BT, target_BT, moe = model.logsumexp_and_target(micro["inputs"], micro["targets"],
-                                                        **model_inputs(micro))
-    total, (ce, z) = loss_from_stats(lse_BT, target_BT, state.step_cfg.z_loss,
-                                     micro.get("weights"), total_weight)
-    terms = {"loss": ce, "z_loss": z}
+                                                        **model_inputs(micro),
+                                                        dropout_key=dropout_key)
+    sc = state.step_cfg
+    if sc.objective == "dpo":  # total_weight: the global batch's pairs
+        terms = dpo.terms(target_BT - lse_BT, micro["ref_logp"], micro["weights"],
+                          micro["segment_ids"], total_weight, sc.dpo_beta,
+                          sc.dpo_label_smoothing)
+        total = terms["loss"]
+    else:
+        total, (ce, z) = loss_from_stats(lse_BT, target_BT, sc.z_loss, micro.get("weights"),
+                                         total_weight)
+        terms = {"loss": ce, "z_loss": z}
     if moe:
         m = model.cfg.moe
         terms["moe_aux_loss"] = moe["moe_aux_loss"] / num_micro
@@ -55,6 +69,20 @@ def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
         total = (total + m.aux_loss_coef * terms["moe_aux_loss"]
                  + m.router_z_loss_coef * terms["moe_z_loss"])
     return total, terms
+
+
+def reference_logp(state: TrainState, micro: dict[str, jax.Array]) -> jax.Array:
+    """DPO's reference model's log-prob of each target (B, T): the frozen copy
+    (state.reference), or with LoRA the base with its adapters zeroed."""
+    if state.reference is not None:
+        params = state.reference
+    else:
+        adapters, base = split_trainable(state.params, True)
+        params = combine(jax.tree.map(jnp.zeros_like, adapters), base)
+    model = nnx.merge(state.graphdef, jax.lax.stop_gradient(params))
+    lse_BT, target_BT, _ = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                      **model_inputs(micro))
+    return jax.lax.stop_gradient(target_BT - lse_BT)
 
 
 def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
@@ -66,7 +94,8 @@ def total_weight(batch: dict[str, jax.Array]) -> jax.Array:
 
 def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
     """The loss terms (`loss_fn`; summed over microbatches, expert_load their maximum)
-    and gradients over the batch's microbatches.
+    and gradients over the batch's microbatches, of the trained parameters only (with
+    LoRA the adapters: split_trainable).
 
     Every batch entry is (M, B/M, T): inputs and targets (int32), and optionally weights
     (float32; padding and cross-document targets have 0), positions and segment_ids.
@@ -75,26 +104,43 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
     equal the mean over the batch.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    weight = total_weight(batch)
+    dpo_run = state.step_cfg.objective == "dpo"
+    weight = dpo.num_pairs(batch["segment_ids"]) if dpo_run else total_weight(batch)
+    weight = jnp.maximum(weight, 1.0)
     num_micro = batch["inputs"].shape[0]
+    trained, frozen = split_trainable(state.params, state.step_cfg.lora)
+    frozen = frozen if state.step_cfg.lora else None
+    seed = state.step_cfg.dropout_seed
+    step_key = None if seed is None else jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def micro_key(i):
+        return None if step_key is None else jax.random.fold_in(step_key, i)
+
+    def with_reference(micro):
+        return dict(micro, ref_logp=reference_logp(state, micro)) if dpo_run else micro
+
     if num_micro == 1:
-        micro = jax.tree.map(lambda x: x[0], batch)
-        (_, terms), grads = grad_fn(state.params, state, micro, weight)
+        micro = with_reference(jax.tree.map(lambda x: x[0], batch))
+        (_, terms), grads = grad_fn(trained, state, micro, weight, 1, frozen, micro_key(0))
         return terms, grads
 
-    def accumulate(carry, micro):
+    def accumulate(carry, xs):
         term_sum, grad_sum = carry
-        (_, terms), grads = grad_fn(state.params, state, micro, weight, num_micro)
+        micro, i = xs
+        micro = with_reference(micro)
+        (_, terms), grads = grad_fn(trained, state, micro, weight, num_micro, frozen,
+                                    micro_key(i))
         term_sum = {k: jnp.maximum(v, terms[k]) if k == "expert_load" else v + terms[k]
                     for k, v in term_sum.items()}
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         return (term_sum, grad_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    keys = ("loss", "z_loss") + (MOE_TERMS if state.model().cfg.moe.enabled else ())
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
+    keys = (("loss",) + DPO_TERMS if dpo_run else ("loss", "z_loss")) + \
+        (MOE_TERMS if state.model().cfg.moe.enabled else ())
     init = ({k: jnp.zeros((), jnp.float32) for k in keys}, zeros)
-    (terms, grad_sum), _ = jax.lax.scan(accumulate, init, batch)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
+    (terms, grad_sum), _ = jax.lax.scan(accumulate, init, (batch, jnp.arange(num_micro)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, trained)
     return terms, grads
 
 
@@ -129,7 +175,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
     clipping), lr (the rate this step's update applied: 0 when it was dropped),
     nonfinite (1 if the loss or gradient norm was NaN/Inf), skipped_steps (how many
     updates were dropped so far); for MoE models also moe_aux_loss, moe_z_loss and
-    expert_load (`loss_fn`).
+    expert_load (`loss_fn`). With train.objective=dpo, loss is DPO's and z_loss gives
+    way to reward_chosen, reward_rejected, reward_margin and reward_accuracy (train/dpo.py).
 
     A non-finite step never reaches the parameters: its update is dropped in-graph
     (the loop then stops or goes on, per train.nonfinite), so the state, and any
@@ -147,8 +194,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
         updates, opt_state = state.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = jax.lax.cond(ok, update, lambda *old: old, state.params,
-                                     state.opt_state)
+    trained, frozen = split_trainable(state.params, state.step_cfg.lora)
+    trained, opt_state = jax.lax.cond(ok, update, lambda *old: old, trained, state.opt_state)
+    params = combine(trained, frozen)
     skipped = state.skipped + (~ok).astype(jnp.int32)
     new_state = state.replace(step=state.step + 1, skipped=skipped, params=params,
                               opt_state=opt_state)

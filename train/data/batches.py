@@ -101,7 +101,13 @@ class PackedBatches:
         d, t = cfg.data, cfg.train
         rows = local_rows(t.batch_size, process_index, process_count)
         self.rows = range(rows.start, rows.stop)
-        self.chat = self.meta.get("kind") == "chat"
+        kind = self.meta.get("kind", "text")
+        self.chat, self.pairs = kind in ("chat", "preference"), kind == "preference"
+        if self.pairs != (t.objective == "dpo"):
+            raise DataError(f"{path} holds preference pairs (prompt, chosen, rejected), DPO's "
+                            "data: set train.objective=dpo" if self.pairs else
+                            f"train.objective=dpo trains on preference pairs, and {path} holds "
+                            f"{kind} data: give rows of prompt, chosen and rejected")
         train = self._split("train")
         if not len(train):
             raise DataError(f"{path}: the train split has fewer than 2 tokens" if not self.chat
@@ -120,7 +126,7 @@ class PackedBatches:
         """Text: documents back to back in windows; chat: whole examples packed."""
         d, T = self.cfg.data, self.cfg.train.seq_len
         if self.chat:
-            return PackedExamples(self.path, split, T, d.overlong)
+            return PackedExamples(self.path, split, T, d.overlong, self.pairs)
         return PackedSequences(self.path, split, T, d.mask_documents)
 
     def _start(self, step: int) -> None:
@@ -205,9 +211,11 @@ def make_batches(cfg: Config, sharding, path: str | None):
                  cfg.train.seq_len, ", documents masked" if cfg.data.mask_documents else "")
         if batches.chat:
             p = batches.packed
-            log.info("data: chat examples packed whole, examples masked from each other: "
-                     "%d train examples in %d sequences (%.0f%% of their tokens used), %s "
-                     "tokens trained on per epoch%s", len(p.kept_K), len(p),
+            unit = "preference pairs" if batches.pairs else "examples"
+            log.info("data: chat %s packed whole, examples masked from each other: "
+                     "%d train %s in %d sequences (%.0f%% of their tokens used), %s "
+                     "tokens trained on per epoch%s", unit,
+                     len(p.kept_K) // (2 if batches.pairs else 1), unit, len(p),
                      100 * p.used_tokens / max(len(p) * cfg.train.seq_len, 1),
                      f"{meta['splits']['train']['trained_tokens']:,}",
                      f"; {p.overlong} longer than train.seq_len={cfg.train.seq_len} "

@@ -155,20 +155,34 @@ class ChatEncoder:
                                 "to train on)")
             return [self._example(text, spans, False) for text, spans in
                     self._spans(messages, where)]
-        prompt, completion = row["prompt"], row["completion"]
+        return [self._completion(row["prompt"], row["completion"], where, "completion")]
+
+    def encode_pair(self, row: dict, where: str) -> list[Example]:
+        """A preference row (DPO): [prompt + chosen, prompt + rejected], each encoded as
+        a prompt-completion row (the completion trained on)."""
+        missing = [f for f in ("prompt", "chosen", "rejected") if f not in row]
+        if missing:
+            raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and "
+                            f"'rejected'; it has no {', '.join(repr(f) for f in missing)} "
+                            f"(has: {', '.join(row)})")
+        return [self._completion(row["prompt"], row[f], where, f) for f in ("chosen", "rejected")]
+
+    def _completion(self, prompt, completion, where: str, field: str) -> Example:
+        """A prompt and its completion (strings or message lists), the completion trained
+        on; `field` names the completion's field in messages."""
         if isinstance(prompt, str) and isinstance(completion, str):
-            return [self._example(prompt + completion, [(len(prompt), len(prompt + completion))],
-                                  True)]
+            return self._example(prompt + completion, [(len(prompt), len(prompt + completion))],
+                                 True)
         if isinstance(prompt, list) and isinstance(completion, list):
             prompt = _messages(prompt, where, "prompt")
-            whole = prompt + _messages(completion, where, "completion")
+            whole = prompt + _messages(completion, where, field)
             before = self._render(prompt, True, where)
             text = self._render(whole, False, where)
             if not text.startswith(before):
                 raise DataError(f"{where}: the chat template renders the prompt differently "
-                                "before and after the completion; give the rows as messages")
-            return [self._example(text, [(len(before), len(text))], False)]
-        raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both "
+                                f"before and after the {field}; give the rows as messages")
+            return self._example(text, [(len(before), len(text))], False)
+        raise DataError(f"{where}: 'prompt' and {field!r} must both be strings or both "
                         f"message lists (got {type(prompt).__name__} and "
                         f"{type(completion).__name__})")
 

@@ -85,20 +85,36 @@ class PackedExamples:
     target's loss weight: 1 on the assistant's tokens), segment_ids (1, 2, ... per
     example, 0 for padding) and positions (from 0 in each example): examples never
     attend to each other, and an example's last token, having no target in it, is not
-    trained on. Picklable: worker processes open the memory maps themselves."""
+    trained on. Picklable: worker processes open the memory maps themselves.
 
-    def __init__(self, path: str, split: str, seq_len: int, overlong: str = "truncate"):
+    With `pairs` (preference data: examples 2i and 2i+1 are a pair's chosen and rejected
+    answers) a pair is packed whole as one unit, so a sequence's segments 2j+1 and 2j+2
+    are pair j's chosen and rejected (train/dpo.py reads them so). A pair longer than
+    seq_len is left out (`drop`) or has each answer cut to seq_len // 2 (`truncate`)."""
+
+    def __init__(self, path: str, split: str, seq_len: int, overlong: str = "truncate",
+                 pairs: bool = False):
         self.path, self.split, self.seq_len = path, split, seq_len
         self.offsets_E1 = np.load(f"{path}/{split}.offsets.npy")
         lengths_E = np.diff(self.offsets_E1)
-        self.kept_K, self.starts_S1 = pack_whole(lengths_E, seq_len, overlong)
-        self.overlong = int(np.sum(lengths_E > seq_len))
-        self.used_tokens = int(np.minimum(lengths_E[self.kept_K], seq_len).sum())
+        g = 2 if pairs else 1
+        lengths_U = lengths_E.reshape(-1, g).sum(1)  # units: examples, or pairs
+        cut_U = lengths_U > seq_len
+        self.used_E = np.minimum(lengths_E, seq_len // g)  # each answer of a cut pair
+        self.used_E = np.where(np.repeat(cut_U, g), self.used_E, lengths_E)
+        kept_U, starts = pack_whole(
+            np.where(cut_U & (overlong == "truncate"), self.used_E.reshape(-1, g).sum(1),
+                     lengths_U), seq_len, overlong)
+        self.kept_K = (kept_U[:, None] * g + np.arange(g)).reshape(-1)
+        self.starts_S1 = starts * g
+        self.overlong = int(np.sum(cut_U))
+        self.used_tokens = int(self.used_E[self.kept_K].sum())
         self._data = None
         # cut examples whose trained tokens all lie past the cut: nothing left to learn
-        cut = [e for e in self.kept_K if lengths_E[e] > seq_len]
+        cut = [e for e in self.kept_K if self.used_E[e] < lengths_E[e]]
         a_E = self.offsets_E1
-        self.lost = sum(not self.data[1][a_E[e] + 1:a_E[e] + seq_len].any() for e in cut)
+        self.lost = sum(not self.data[1][a_E[e] + 1:a_E[e] + self.used_E[e]].any()
+                        for e in cut)
 
     def __len__(self) -> int:
         return len(self.starts_S1) - 1
@@ -123,8 +139,7 @@ class PackedExamples:
                "positions": np.zeros(T, np.int32)}
         p = 0
         for segment, e in enumerate(self.kept_K[self.starts_S1[k]:self.starts_S1[k + 1]], 1):
-            a = int(self.offsets_E1[e])
-            n = min(int(self.offsets_E1[e + 1]) - a, T)
+            a, n = int(self.offsets_E1[e]), int(self.used_E[e])
             out["inputs"][p:p + n] = tokens_N[a:a + n]
             out["targets"][p:p + n - 1] = tokens_N[a + 1:a + n]
             out["weights"][p:p + n - 1] = weights_N[a + 1:a + n]

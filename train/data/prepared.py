@@ -110,21 +110,21 @@ class _SplitWriter:
 
 
 def data_kind(inputs: str, data_format: str, text_field: str) -> str:
-    """'text' or 'chat': data.format, or for `auto` the fields of the first row
-    (messages, or prompt and completion: chat)."""
+    """'text', 'chat' or 'preference': data.format, or for `auto` the fields of the
+    first row (messages, or prompt and completion: chat; chosen and rejected:
+    preference pairs, DPO's data)."""
     row = first_record(inputs)
     found = row_kind(row) if row is not None else None
     if data_format == "text":
         return "text"
-    if data_format == "chat" and found != "chat":
+    if data_format == "chat" and found not in ("chat", "preference"):
         fields = ", ".join(row) if row else "no rows of fields"
         raise DataError(f"data.format=chat but the rows of {expand(inputs)[0][0]} have no "
-                        f"'messages' nor 'prompt' and 'completion' (has: {fields})")
-    if found == "preference" and text_field not in row:
-        raise DataError(f"{expand(inputs)[0][0]}: preference rows (chosen, rejected) are "
-                        "DPO's data, which this version does not train on yet")
-    return "chat" if found == "chat" and (data_format == "chat" or text_field not in row) \
-        else "text"
+                        f"'messages' nor 'prompt' and 'completion' nor 'chosen' and "
+                        f"'rejected' (has: {fields})")
+    if found and (data_format == "chat" or text_field not in row):
+        return found
+    return "text"
 
 
 def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
@@ -144,27 +144,28 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
     tok = load_tokenizer(tokenizer, eos_token)
     expand(inputs)  # a missing input fails here, before any work
     kind = data_kind(inputs, data_format, text_field)
-    encoder = ChatEncoder(tok, load_template(tok.path)) if kind == "chat" else None
+    encoder = ChatEncoder(tok, load_template(tok.path)) if kind != "text" else None
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    writers = {s: _SplitWriter(tmp, s, dtype, weights=kind == "chat") for s in SPLITS}
+    writers = {s: _SplitWriter(tmp, s, dtype, weights=kind != "text") for s in SPLITS}
     start = time.perf_counter()
     bar = None  # shown once the first batch is read: an unreadable input fails first
     skipped: list[str] = []
     lengths: list[int] = []
     try:
-        if kind == "chat":
+        if kind != "text":  # chat, or preference pairs (chosen then rejected)
             for doc_id, where, row in records(inputs):
                 if bar is None:
                     bar = tqdm(desc="prepare", unit=" rows", disable=not progress,
                                dynamic_ncols=True)
-                if row_kind(row) != "chat":
+                if kind == "chat" and row_kind(row) != "chat":
                     raise DataError(f"{where}: no 'messages' nor 'prompt' and 'completion' "
                                     f"(has: {', '.join(row)})")
                 split = "val" if in_val(doc_id, val_fraction) else "train"
-                for ex in encoder.encode(row, where):
+                pair = encoder.encode_pair(row, where) if kind == "preference" else None
+                for ex in pair or encoder.encode(row, where):
                     writers[split].add(ex.ids, None, 0, ex.weights)
                     lengths.append(len(ex.ids))
                 bar.update(1)
@@ -211,17 +212,23 @@ def prepare(inputs: str, output: str | Path, tokenizer: str = "byte", *,
         raise
     seconds = time.perf_counter() - start
     total = {k: sum(c[k] for c in counts.values()) for k in ("documents", "tokens", "bytes")}
-    if kind == "chat":
+    if kind != "text":
         trained = sum(c["trained_tokens"] for c in counts.values())
+        pairs = kind == "preference"
+        if pairs:  # a pair is longer than a sequence when its two examples together are
+            lengths = [a + b for a, b in zip(lengths[::2], lengths[1::2])]
         longer = sum(n > seq_len for n in lengths) if seq_len else 0
-        log(f"prepared {output}: {total['documents']:,} chat examples "
-            f"({counts['train']['documents']:,} train / {counts['val']['documents']:,} val), "
+        n = {s: c["documents"] // (2 if pairs else 1) for s, c in counts.items()}
+        what = "preference pairs" if pairs else "chat examples"
+        whose = "the responses" if pairs else "the assistant's"
+        log(f"prepared {output}: {sum(n.values()):,} {what} "
+            f"({n['train']:,} train / {n['val']:,} val), "
             f"{total['tokens']:,} tokens of which "
-            f"{trained:,} trained on (the assistant's), {tok.kind} tokenizer "
+            f"{trained:,} trained on ({whose}), {tok.kind} tokenizer "
             f"({tok.vocab_size:,} tokens), {seconds:.1f} s"
             + (f"; {encoder.per_turn:,} conversations as one example per assistant turn (the "
                "template rewrites earlier turns)" if encoder.per_turn else "")
-            + (f"; {longer:,} examples longer than train.seq_len={seq_len} (data.overlong "
+            + (f"; {longer:,} {what} longer than train.seq_len={seq_len} (data.overlong "
                "says what training does with them)" if longer else ""))
         return meta
     log(f"prepared {output}: {total['documents']:,} documents, {total['tokens']:,} tokens "

@@ -30,6 +30,7 @@ from train.errors import ConversionError, DataError
 from train.hf import COMPUTE_KEYS, family_for, family_of, model_config
 from train.hf.tensors import export_tensors, load_params, write_safetensors
 from train.inference import find_tokenizer, load, write_export
+from train.inference.load import plain
 from train.plan import plan
 
 
@@ -57,8 +58,7 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, user: Config, overrides: Sequence[str]
     raw["train"]["seq_len"] = min(raw["train"]["seq_len"], raw["model"]["max_seq_len"])
     cfg = with_overrides(raw, overrides, keep=lambda key: key.startswith("model."))
     p = plan(cfg, batches=False)
-    params = load_params(str(src), cfg.model, family.mapping(cfg.model), p.params_target(),
-                         cfg.model.param_dtype)
+    params = load_params(str(src), cfg.model, family.mapping(cfg.model), p.params_target())
     tokenizer = src / "tokenizer.json"
     has_tok = tokenizer.exists()
     info = {"step": 0, "hf": {"architecture": family.ARCHITECTURE,
@@ -83,7 +83,8 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
         raise ConversionError(f"{hf_dir} already holds a model (config.json); choose "
                               "another directory")
     loaded = load(ckpt, user, overrides, flag="CKPT_DIR")
-    m, source = loaded.cfg.model, loaded.info.get("hf") or {}
+    cfg, params = plain(loaded.cfg, nnx.state(loaded.model, nnx.Param))  # LoRA merged
+    m, source = cfg.model, loaded.info.get("hf") or {}
     family = family_for(m, source.get("architecture"))
     tok = None
     try:
@@ -97,7 +98,7 @@ def ckpt_to_hf(ckpt: str, hf_dir: str, user: Config, overrides: Sequence[str],
     eos = eos if eos is None or isinstance(eos, list) or eos < vocab else None  # not a token
     bos = source.get("bos_token_id")
     hf_cfg = family.hf_config(m, vocab, eos, bos)  # refuses what the family cannot hold
-    tensors = export_tensors(m, family, nnx.state(loaded.model, nnx.Param), vocab)
+    tensors = export_tensors(m, family, params, vocab)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         files = write_safetensors(str(out), tensors)

@@ -83,10 +83,10 @@ class Tensors:
         return handle.get_tensor(key)
 
 
-def load_params(directory: str, m, table: Mapping, target, param_dtype) -> nnx.State:
+def load_params(directory: str, m, table: Mapping, target) -> nnx.State:
     """Our parameters from the HF directory, named by `table` (the family's mapping),
-    each array built on its target sharding (`target`: the abstract params state,
-    ShapeDtypeStructs with shardings)."""
+    each array built on its target sharding and dtype (`target`: the abstract params
+    state, ShapeDtypeStructs with shardings)."""
     tensors = Tensors(directory)
     flat = []
     for path, var in nnx.to_flat_state(target):
@@ -105,7 +105,7 @@ def load_params(directory: str, m, table: Mapping, target, param_dtype) -> nnx.S
         if host.shape != spec.shape:
             raise ConversionError(f"{hf_name} gives shape {host.shape} for our {name}, "
                                   f"expected {spec.shape}")
-        host = np.asarray(host, dtype=param_dtype)
+        host = np.asarray(host, dtype=spec.dtype)
         value = jax.make_array_from_callback(spec.shape, spec.sharding,
                                              lambda i, host=host: host[i])
         flat.append((path, var.replace(value)))

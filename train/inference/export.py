@@ -23,6 +23,7 @@ from train.inference.load import (
     PARAMS,
     find_tokenizer,
     load,
+    plain,
     read_export_info,
     restore_export,
 )
@@ -52,8 +53,8 @@ def export(checkpoint: str, output: str, user: Config) -> int:
     keeps the checkpoint's own config); returns the step."""
     loaded = load(checkpoint, user)
     tok = find_tokenizer(loaded)
-    write_export(output, nnx.state(loaded.model, nnx.Param), from_dict(loaded.saved),
-                 dict(loaded.info), getattr(tok, "path", None))
+    cfg, params = plain(from_dict(loaded.saved), nnx.state(loaded.model, nnx.Param))
+    write_export(output, params, cfg, dict(loaded.info), getattr(tok, "path", None))
     return loaded.info["step"]
 
 

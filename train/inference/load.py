@@ -19,12 +19,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from models import lora
+from models.config import LoraConfig
 from train.checkpoint import Checkpoints, absolute, check_param_shapes, find_checkpoint
 from train.config import Config, from_dict, to_dict, with_overrides
 from train.data.resolve import run_tokenizer
 from train.data.tokenizer import load_tokenizer
 from train.errors import CheckpointError, ConfigError, DataError
 from train.plan import Plan, plan
+from train.state import combine
 from train.storage import first_line
 
 PARAMS, CONFIG_JSON = "params", "config.json"
@@ -52,6 +55,16 @@ class Loaded:
     @property
     def rules(self):
         return self.plan.rules
+
+
+def plain(cfg: Config, params: nnx.State) -> tuple[Config, nnx.State]:
+    """A model's config and parameters with its LoRA adapters (if any) folded into the
+    weights they adapt: what exports write."""
+    m = cfg.model
+    if not m.lora.enabled:
+        return cfg, params
+    model = dataclasses.replace(m, lora=LoraConfig(), param_dtype=m.base_param_dtype)
+    return dataclasses.replace(cfg, model=model), lora.merge_adapters(m, params)
 
 
 def is_export(path: str) -> bool:
@@ -110,6 +123,9 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
         cfg = with_user_settings(saved, user, overrides)
         p = plan(cfg, batches=False)
         params = source.restore_params(step, p.params_target())
+        if cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters: add the base
+            from train.init_from import base_params
+            params = combine(params, base_params(cfg, p))
         info, where = {"step": step}, f"{source.directory} step {step}"
         root = epath.Path(source.directory)
         artifact_dir = str(root.parent) if root.name == "checkpoints" else str(root)

@@ -14,6 +14,7 @@ import sharding
 from train.config import Config
 from train.data.resolve import resolve_data
 from train.plan import plan
+from train.state import split_trainable
 
 
 def show_layout(cfg: Config, echo: Callable[[str], None] = print) -> float:
@@ -35,8 +36,19 @@ def show_layout(cfg: Config, echo: Callable[[str], None] = print) -> float:
         local = math.prod(sh.get_value().shard_shape(value.shape)) * value.dtype.itemsize
         echo(f"{name:34} {str(value.shape):22} {str(axes):44} {str(spec):30} "
              f"{local / 2**20:>10.2f}")
-    total = 0
-    for leaf, sh in zip(jax.tree.leaves(p.abstract), jax.tree.leaves(p.shardings)):
-        total += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-    echo(f"parameters + optimizer state per device: {total / 2**30:.3f} GiB")
-    return total / 2**30
+    def gib(tree, shardings) -> float:
+        return sum(math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                   for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+                   ) / 2**30
+
+    lora = cfg.model.lora.enabled
+    trained, frozen = (split_trainable(t, lora) for t in (p.abstract.params, p.shardings.params))
+    parts = [("trained parameters", gib(trained[0], frozen[0])),
+             ("frozen parameters", gib(trained[1], frozen[1])),
+             ("optimizer state", gib(p.abstract.opt_state, p.shardings.opt_state)),
+             ("DPO reference copy", gib(p.abstract.reference, p.shardings.reference))]
+    echo("per device: " + ", ".join(f"{name} {v:.3f} GiB" for name, v in parts
+                                    if v or name == "optimizer state"))
+    total = gib(p.abstract, p.shardings)
+    echo(f"parameters + optimizer state per device: {total:.3f} GiB")
+    return total
