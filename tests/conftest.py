@@ -19,13 +19,22 @@ from helpers import randomized, run_cli  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """SHARDLM_TESTS=core (CI's second Python) skips the tests marked `once`."""
+    """SHARDLM_TESTS=core (CI's second Python) skips the tests marked `once` and runs
+    only the first case of each parametrized test (the matrices run in the first)."""
     if os.environ.get("SHARDLM_TESTS") != "core":
         return
     skip = pytest.mark.skip(reason="marked once: CI runs it in its Python 3.11 suite")
+    matrix = pytest.mark.skip(reason="a further case of a test matrix: CI runs the matrix "
+                              "in its Python 3.11 suite")
+    seen = set()
     for item in items:
         if "once" in item.keywords:
             item.add_marker(skip)
+        elif hasattr(item, "callspec"):
+            key = (item.path, item.originalname)
+            if key in seen:
+                item.add_marker(matrix)
+            seen.add(key)
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ def test_rerun_of_finished_run_exits_0(run8, tmp_path):
     assert "run already finished: checkpoint at step 8" in proc.stdout
 
 
+@pytest.mark.once  # a restart test: Python 3.11's suite (the SIGKILL one runs on both)
 def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     out = tmp_path / "run"
     proc = start(out, "checkpoint.every_steps=0")  # no periodic saves: only the SIGTERM one

@@ -5,6 +5,7 @@ SIGKILL, resumes bit for bit."""
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from flax import nnx
 from train import dpo
 from train.data.packing import PackedExamples
 from train.data.prepared import prepare
+from train.errors import DataError
 from train.plan import plan
 from train.state import init_state
-from train.step import compute_grads
+from train.step import compute_grads, eval_step
 
 from chat_templates import TEMPLATES, write_tokenizer
 from helpers import REPO, cli_env, run_cli, small_config
@@ -62,7 +64,7 @@ def pack(rows, T):
 
 
 def test_the_loss_and_its_gradient_equal_trls_formula_on_each_answer_alone(devices, eps=0.2):
-    """Three pairs packed in two rows (one and two microbatches): the loss, the metrics
+    """Three pairs packed in two rows (two microbatches): the loss, the metrics
     and every gradient equal TRL's formula on log-probs summed over each answer's tokens,
     each sequence run alone, the reference being the starting parameters."""
     cfg = small_config(*DPO, "dpo.beta=0.5", f"dpo.label_smoothing={eps}")
@@ -90,17 +92,21 @@ def test_the_loss_and_its_gradient_equal_trls_formula_on_each_answer_alone(devic
             margins.append(0.5 * ((pc - rc) - (pr - rr)))
         return jnp.mean(jnp.stack(losses)), jnp.stack(margins)
 
-    (want, margins), want_grads = jax.value_and_grad(hand, has_aux=True)(state.params)
+    (want, margins), want_grads = jax.jit(jax.value_and_grad(hand, has_aux=True))(
+        state.params)
     assert float(jnp.min(jnp.abs(margins))) > 1e-4  # the policy is not the reference
-    for M in (1, 2):
-        micro = {k: v.reshape(M, 2 // M, T) for k, v in batch.items()}
-        terms, grads = jax.jit(compute_grads)(state, micro)
-        np.testing.assert_allclose(terms["loss"], want, rtol=1e-5)
-        np.testing.assert_allclose(terms["reward_margin"], jnp.mean(margins), rtol=1e-4,
-                                   atol=1e-7)
-        assert float(terms["reward_accuracy"]) == float(jnp.mean(margins > 0))
-        for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-            np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-7)
+    micro = {k: v.reshape(2, 1, T) for k, v in batch.items()}  # two microbatches
+    terms, grads = jax.jit(compute_grads)(state, micro)
+    np.testing.assert_allclose(terms["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(terms["reward_margin"], jnp.mean(margins), rtol=1e-4,
+                               atol=1e-7)
+    assert float(terms["reward_accuracy"]) == float(jnp.mean(margins > 0))
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-7)
+    sums = jax.jit(eval_step)(state, micro)  # evaluation: the same pairs' sums
+    assert float(sums["weight"]) == 3
+    np.testing.assert_allclose(sums["loss_sum"] / 3, want, rtol=1e-5)
+    np.testing.assert_allclose(sums["reward_accuracy_sum"] / 3, jnp.mean(margins > 0))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.3])
@@ -149,6 +155,17 @@ def test_preference_rows_pack_as_pairs_and_weigh_only_the_answers(tmp_path):
     last = seqs[-1]
     assert np.sum(last["segment_ids"] == 1) == 24  # the chosen answer cut to T / 2
     assert answers[5] == "no<|endoftext|>"
+
+
+def test_a_preference_row_without_an_answer_is_named(tmp_path):
+    tok = write_tokenizer(tmp_path / "tok", TEMPLATES["llama3"])
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
+                    + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare(str(path), tmp_path / "prep", str(tok), progress=False, log=lambda s: None)
+    assert str(err.value) == (f"{path} line 2: a preference row needs 'prompt', 'chosen' and "
+                              "'rejected'; it has no 'rejected' (has: prompt, chosen)")
 
 
 def test_bad_preference_input_is_one_line(tmp_path, hf_llama_dir):
@@ -205,35 +222,38 @@ def test_a_lora_dpo_run_learns_the_preference_and_resumes_bit_for_bit(hf_llama_d
     args = ["--config", str(REPO / "configs" / "finetune.yaml"), f"model.init_from=hf:{root}",
             f"data.path={data}", f"data.cache_dir={tmp_path}/cache", "train.objective=dpo",
             "dpo.beta=0.5", "model.dtype=float32", "train.seq_len=64", "train.batch_size=8",
-            "train.steps=8", "train.log_every=1", "train.microbatches=2", "mesh.data=2",
+            "train.steps=12", "train.log_every=1", "train.microbatches=2", "mesh.data=2",
             "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null",
             "optimizer.lr=5e-3", "optimizer.warmup_steps=1", "checkpoint.every_steps=4",
-            "eval.every_steps=0", "model.lora.rank=8", "model.lora.alpha=16",
-            "model.lora.dropout=0.1"]
+            "eval.every_steps=4", "eval.batches=1", "data.val_fraction=0.1",
+            "model.lora.rank=8", "model.lora.alpha=16", "model.lora.dropout=0.1"]
     ref_out = tmp_path / "reference"
     proc = run_cli(*args, f"output_dir={ref_out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preference pairs packed whole" in proc.stdout
     ref = metrics(ref_out)
     assert abs(ref[1]["loss"] - math.log(2)) < 1e-6 and ref[1]["reward_margin"] == 0.0
-    assert ref[8]["reward_accuracy"] == 1.0 and ref[8]["reward_margin"] > 0.5
-    assert ref[8]["loss"] < 0.5
+    assert ref[12]["reward_accuracy"] == 1.0 and ref[12]["reward_margin"] > 0.5
+    assert ref[12]["loss"] < 0.5
+    assert ref[4]["eval_loss"] > ref[12]["eval_loss"] and "eval_ppl" not in ref[12]
+    assert ref[12]["eval_reward_accuracy"] > 0.5
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "train", *args, f"output_dir={out}"],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    from runs import logged_steps, wait_for
-    wait_for(lambda: logged_steps(out) >= 5, proc)  # checkpoint 4 exists
+    from runs import wait_for
+    wait_for(lambda: (out / "checkpoints" / "4").is_dir(), proc)  # saved in full
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc = run_cli(*args, f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 4" in proc.stdout
+    assert re.search(r"resumed from step (4|8)\b", proc.stdout), proc.stdout[-3000:]
     resumed = metrics(out)
-    keys = ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_accuracy")
+    keys = ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_accuracy",
+            "eval_loss", "eval_reward_margin")
     for step, row in ref.items():
-        assert {k: resumed[step][k] for k in keys} == {k: row[k] for k in keys}, step
+        assert {k: resumed[step].get(k) for k in keys} == {k: row.get(k) for k in keys}, step
 
 
 def test_full_fine_tuning_dpo_keeps_a_frozen_reference_copy(hf_llama_dir, tmp_path):

@@ -102,9 +102,10 @@ def test_merged_weights_equal_the_adapted_forward_and_sharded_equals_one_device(
                                np.asarray(one.model()(ids)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.once
 def test_dropout_applies_in_training_only(devices):
     cfg = small_config(*LORA, "model.lora.dropout=0.5")
-    p = plan(cfg)
+    p = plan(cfg, devices[:1])
     state = init_state(p.init, p.shardings, 0)
     trainable, frozen = split_trainable(state.params, True)
     # adapters' B non-zero, so the dropped inputs change the output

@@ -28,7 +28,8 @@ def mean_loss(eval_fn: Callable, arg, batches) -> tuple[jax.Array, jax.Array]:
 class Evaluator:
     """`evaluate(step, state)`: every eval.every_steps steps and at the last step, the
     mean loss over the first eval.batches global batches of the validation split (the
-    same batches each time), as {"eval_loss": device scalar}; {} on other steps. Nothing
+    same batches each time), as {"eval_loss": device scalar} (DPO: its loss, and
+    eval_reward_margin and eval_reward_accuracy, per pair); {} on other steps. Nothing
     waits for the device here: the metrics log fetches the value later."""
 
     def __init__(self, cfg: Config, batches, batch_sharding, state_shardings):
@@ -49,6 +50,11 @@ class Evaluator:
             self.fn = jit_eval_step(
                 self.state_shardings, {k: self.batch_sharding for k in self.cached[0]}
             ).lower(state, self.cached[0]).compile(compile_options(self.state_shardings))
+        if state.step_cfg.objective == "dpo":  # DPO's loss, margin and accuracy
+            sums = [self.fn(state, batch) for batch in self.cached]
+            total = {k: sum(s[k] for s in sums) for k in sums[0]}
+            pairs = jnp.maximum(total.pop("weight"), 1.0)
+            return {"eval_" + k.removesuffix("_sum"): v / pairs for k, v in total.items()}
         return {"eval_loss": mean_loss(self.fn, state, self.cached)[0]}
 
 

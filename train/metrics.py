@@ -113,7 +113,7 @@ class MetricsLog:
         rows = []
         for step, metrics in self.pending:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if "eval_loss" in values:
+            if "eval_loss" in values and "eval_reward_accuracy" not in values:
                 values["eval_ppl"] = math.exp(min(values["eval_loss"], 700.0))
             now = time.perf_counter()
             steps = step - self.last_step
@@ -153,7 +153,9 @@ def format_row(row: dict) -> str:
             + (f" | reward_margin {row['reward_margin']:.3f} accuracy "
                f"{row['reward_accuracy']:.2f}" if "reward_margin" in row else "")
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
-               if "eval_loss" in row else ""))
+               if "eval_ppl" in row else "")
+            + (f" | eval_loss {row['eval_loss']:.4f} accuracy {row['eval_reward_accuracy']:.2f}"
+               if "eval_reward_accuracy" in row else ""))
 
 
 class TensorBoard:

@@ -160,7 +160,33 @@ def eval_sums(model, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {"loss_sum": loss_sum, "weight": weight}
 
 
+def dpo_eval_sums(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """DPO's validation sums over a (M, B/M, T) batch of packed pairs: loss_sum,
+    reward_margin_sum, reward_accuracy_sum and weight (the pairs counted)."""
+    sc = state.step_cfg
+    model = state.model()
+
+    def one(carry, micro):
+        lse_BT, target_BT, _ = model.logsumexp_and_target(micro["inputs"], micro["targets"],
+                                                          **model_inputs(micro))
+        terms = dpo.terms(target_BT - lse_BT, reference_logp(state, micro), micro["weights"],
+                          micro["segment_ids"], jnp.float32(1.0), sc.dpo_beta,
+                          sc.dpo_label_smoothing)
+        return {k: carry[k] + v for k, v in (("loss_sum", terms["loss"]),
+                                             ("reward_margin_sum", terms["reward_margin"]),
+                                             ("reward_accuracy_sum", terms["reward_accuracy"]),
+                                             ("weight", dpo.num_pairs(micro["segment_ids"])))
+                }, None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(one, dict.fromkeys(("loss_sum", "reward_margin_sum",
+                                               "reward_accuracy_sum", "weight"), zero), batch)
+    return sums
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    if state.step_cfg.objective == "dpo":
+        return dpo_eval_sums(state, batch)
     return eval_sums(nnx.merge(state.graphdef, state.params), batch)
 
 

@@ -36,7 +36,7 @@ def batch_keys(cfg) -> dict[str, str]:
     keys = {"inputs": "int32", "targets": "int32"}
     if cfg.data.path is not None:
         keys["weights"] = "float32"
-        if cfg.data.mask_documents:
+        if cfg.data.mask_documents or cfg.train.objective == "dpo":  # DPO: packed pairs
             keys |= {"segment_ids": "int32", "positions": "int32"}
     return keys
 
