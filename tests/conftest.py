@@ -17,19 +17,28 @@ if str(REPO) not in sys.path:
 
 from helpers import randomized, run_cli  # noqa: E402
 
+# Tests of the command-line tools' surface (arguments, messages, files): the same Python
+# on either version, so CI's second Python leaves them to the first.
+TOOL_MODULES = {"test_cli.py", "test_inference_cli.py", "test_data_sources.py",
+                "test_metrics.py", "test_layout_tool.py", "test_loop.py", "test_lock.py"}
+
 
 def pytest_collection_modifyitems(config, items):
-    """SHARDLM_TESTS=core (CI's second Python) skips the tests marked `once` and runs
-    only the first case of each parametrized test (the matrices run in the first)."""
+    """SHARDLM_TESTS=core (CI's second Python) skips the tests marked `once` and the
+    tool-surface modules (TOOL_MODULES), and runs only the first case of each
+    parametrized test (the matrices run in the first)."""
     if os.environ.get("SHARDLM_TESTS") != "core":
         return
     skip = pytest.mark.skip(reason="marked once: CI runs it in its Python 3.11 suite")
+    tools = pytest.mark.skip(reason="a tool-surface test: CI runs it in its Python 3.11 suite")
     matrix = pytest.mark.skip(reason="a further case of a test matrix: CI runs the matrix "
                               "in its Python 3.11 suite")
     seen = set()
     for item in items:
         if "once" in item.keywords:
             item.add_marker(skip)
+        elif item.path.name in TOOL_MODULES:
+            item.add_marker(tools)
         elif hasattr(item, "callspec"):
             key = (item.path, item.originalname)
             if key in seen:

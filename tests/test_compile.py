@@ -105,6 +105,7 @@ def test_fsdp_report_matches_parameter_math(tmp_path, remat, gathers):
     assert reduced == pytest.approx(p, rel=0.1)
 
 
+@pytest.mark.once  # the other pre-flight tests run on both Pythons
 def test_fsdp_tp_report_matches_parameter_and_activation_math(tmp_path):
     """FSDP 4 x TP 2, no remat, fp32: over fsdp each chip gathers and reduces only its
     tensor-parallel half of the weights (P / 2 each way); over model the activations

@@ -5,7 +5,6 @@ SIGKILL, resumes bit for bit."""
 
 import json
 import math
-import re
 import signal
 import subprocess
 import sys
@@ -222,7 +221,7 @@ def test_a_lora_dpo_run_learns_the_preference_and_resumes_bit_for_bit(hf_llama_d
     args = ["--config", str(REPO / "configs" / "finetune.yaml"), f"model.init_from=hf:{root}",
             f"data.path={data}", f"data.cache_dir={tmp_path}/cache", "train.objective=dpo",
             "dpo.beta=0.5", "model.dtype=float32", "train.seq_len=64", "train.batch_size=8",
-            "train.steps=12", "train.log_every=1", "train.microbatches=2", "mesh.data=2",
+            "train.steps=8", "train.log_every=1", "train.microbatches=2", "mesh.data=2",
             "mesh.fsdp=2", "mesh.model=2", "sharding.rules=fsdp_tp", "compile_cache_dir=null",
             "optimizer.lr=5e-3", "optimizer.warmup_steps=1", "checkpoint.every_steps=4",
             "eval.every_steps=4", "eval.batches=1", "data.val_fraction=0.1",
@@ -233,10 +232,10 @@ def test_a_lora_dpo_run_learns_the_preference_and_resumes_bit_for_bit(hf_llama_d
     assert "preference pairs packed whole" in proc.stdout
     ref = metrics(ref_out)
     assert abs(ref[1]["loss"] - math.log(2)) < 1e-6 and ref[1]["reward_margin"] == 0.0
-    assert ref[12]["reward_accuracy"] == 1.0 and ref[12]["reward_margin"] > 0.5
-    assert ref[12]["loss"] < 0.5
-    assert ref[4]["eval_loss"] > ref[12]["eval_loss"] and "eval_ppl" not in ref[12]
-    assert ref[12]["eval_reward_accuracy"] > 0.5
+    assert ref[8]["reward_accuracy"] == 1.0 and ref[8]["reward_margin"] > 0.5
+    assert ref[8]["loss"] < 0.5
+    assert ref[4]["eval_loss"] > ref[8]["eval_loss"] and "eval_ppl" not in ref[8]
+    assert ref[8]["eval_reward_accuracy"] > 0.5
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "train", *args, f"output_dir={out}"],
@@ -248,7 +247,7 @@ def test_a_lora_dpo_run_learns_the_preference_and_resumes_bit_for_bit(hf_llama_d
     proc.wait(timeout=30)
     proc = run_cli(*args, f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"resumed from step (4|8)\b", proc.stdout), proc.stdout[-3000:]
+    assert "resumed from step 4" in proc.stdout, proc.stdout[-3000:]
     resumed = metrics(out)
     keys = ("loss", "grad_norm", "reward_chosen", "reward_rejected", "reward_accuracy",
             "eval_loss", "eval_reward_margin")
