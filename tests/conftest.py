@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from helpers import randomized, run_cli  # noqa: E402
+from helpers import run_cli, save_small_hf  # noqa: E402
 
 # Tests of the command-line tools' surface (arguments, messages, files): the same Python
 # on either version, so CI's second Python leaves them to the first.
@@ -138,15 +138,5 @@ def _release_compiled_programs():
 def hf_llama_dir(tmp_path_factory):
     """A random small Llama saved by transformers with a BPE tokenizer.json, and text."""
     transformers = pytest.importorskip("transformers")
-    from train.data.tokenizer import train_bpe
-    root = tmp_path_factory.mktemp("hf")
-    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
-    size = train_bpe(texts, 300, str(root / "tokenizer.json"))
-    cfg = transformers.LlamaConfig(
-        vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False)
-    ref = randomized(transformers.LlamaForCausalLM(cfg))
-    ref.save_pretrained(root)
-    (root / "corpus.txt").write_text("\n".join(texts))
-    return root, ref
+    return save_small_hf(tmp_path_factory.mktemp("hf"), transformers.LlamaConfig,
+                         transformers.LlamaForCausalLM)

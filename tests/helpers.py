@@ -138,3 +138,18 @@ def hf_round_trip(ref, tmp_path, user, overrides, padded_vocab: int, new_tokens:
     np.testing.assert_allclose(torch_logits(back, ids), torch_logits(ref, ids),
                                rtol=1e-6, atol=1e-6)
     return loaded, saved
+
+
+def save_small_hf(root: Path, config_cls, model_cls, **extra):
+    """A random small model of a transformers family saved in `root` beside a BPE
+    tokenizer.json of its own vocabulary, and some text (corpus.txt): (root, model)."""
+    from train.data.tokenizer import train_bpe
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
+    size = train_bpe(texts, 300, str(root / "tokenizer.json"))
+    cfg = config_cls(vocab_size=size, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                     max_position_embeddings=128, tie_word_embeddings=False, **extra)
+    ref = randomized(model_cls(cfg))
+    ref.save_pretrained(root)
+    (root / "corpus.txt").write_text("\n".join(texts))
+    return root, ref

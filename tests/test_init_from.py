@@ -14,7 +14,7 @@ from train.errors import ConfigError
 from train.init_from import initial_params
 from train.plan import plan
 
-from helpers import REPO, randomized, run_cli, torch_logits
+from helpers import REPO, run_cli, save_small_hf, torch_logits
 
 FINETUNE = str(REPO / "configs" / "finetune.yaml")
 SMALL = ["model.dtype=float32", "train.seq_len=32", "train.batch_size=8", "mesh.data=2",
@@ -27,18 +27,9 @@ def hf_dir(tmp_path_factory):
     """A random small Qwen2 saved by transformers beside a BPE tokenizer.json of its own
     vocabulary, and some text: (directory, the transformers model)."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    from train.data.tokenizer import train_bpe
-    root = tmp_path_factory.mktemp("hf")
-    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
-    size = train_bpe(texts, 300, str(root / "tokenizer.json"))
-    cfg = transformers.Qwen2Config(
-        vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, use_sliding_window=False, sliding_window=128)
-    ref = randomized(transformers.Qwen2ForCausalLM(cfg))
-    ref.save_pretrained(root)
-    (root / "corpus.txt").write_text("\n".join(texts))
-    return root, ref
+    return save_small_hf(tmp_path_factory.mktemp("hf"), transformers.Qwen2Config,
+                         transformers.Qwen2ForCausalLM, use_sliding_window=False,
+                         sliding_window=128)
 
 
 def test_hf_init_from_takes_weights_shapes_and_tokenizer_from_the_directory(hf_dir, devices):

@@ -137,9 +137,10 @@ def parquet_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, 
         yield f"{name}:{row}", text or ""
 
 
-def hf_dataset_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, str]]:
-    """A `datasets` save_to_disk directory, read with pyarrow (its shards are Arrow IPC
-    streams listed in state.json). A DatasetDict is read from its "train" split."""
+def _dataset_tables(path: Path, name: str) -> Iterator[tuple[Path, str, Path, pa.Table]]:
+    """(directory, name, shard file, its table) of a `datasets` save_to_disk directory,
+    read with pyarrow (its shards are Arrow IPC streams listed in state.json). A
+    DatasetDict is read from its "train" split."""
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
         if "train" not in splits:
@@ -147,12 +148,17 @@ def hf_dataset_documents(path: Path, name: str, field: str) -> Iterator[tuple[st
                             f"{', '.join(splits)}); point data.path at {path}/<split>")
         path, name = path / "train", f"{name}/train"
     state = json.loads((path / "state.json").read_text())
-    row = 0
     for shard in state["_data_files"]:
         with pa.memory_map(str(path / shard["filename"])) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        for text in _column(table, path / shard["filename"], field).to_pylist():
-            yield f"{name}:{row}", text or ""
+            yield path, name, path / shard["filename"], pa.ipc.open_stream(source).read_all()
+
+
+def hf_dataset_documents(path: Path, name: str, field: str) -> Iterator[tuple[str, str]]:
+    """The `field` texts of a `datasets` save_to_disk directory (_dataset_tables)."""
+    row = 0
+    for _, split_name, shard, table in _dataset_tables(path, name):
+        for text in _column(table, shard, field).to_pylist():
+            yield f"{split_name}:{row}", text or ""
             row += 1
     if not row:
         raise DataError(f"{path}: the dataset has no rows")
@@ -192,15 +198,10 @@ def records(spec: str) -> Iterator[tuple[str, str, dict]]:
 
 
 def _dataset_records(path: Path, name: str) -> Iterator[tuple[str, str, dict]]:
-    if (path / "dataset_dict.json").exists():
-        path, name = path / "train", f"{name}/train"
-    state = json.loads((path / "state.json").read_text())
     number = 0
-    for shard in state["_data_files"]:
-        with pa.memory_map(str(path / shard["filename"])) as source:
-            table = pa.ipc.open_stream(source).read_all()
+    for split_path, split_name, _, table in _dataset_tables(path, name):
         for row in table.to_pylist():
-            yield f"{name}:{number}", f"{path} row {number}", row
+            yield f"{split_name}:{number}", f"{split_path} row {number}", row
             number += 1
 
 
