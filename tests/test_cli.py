@@ -125,6 +125,28 @@ def test_sigterm_is_not_swallowed_by_a_librarys_except_exception():
     assert proc.stdout.split() == ["terminated", "143"], proc.stdout + proc.stderr[-2000:]
 
 
+def test_a_sigterm_turned_into_a_librarys_own_error_is_still_the_sigterms_line():
+    """A bare `except:` (jax's mesh_utils around int()) turns the handler's error into its
+    own ValueError: the process still ends with SIGTERM's line and 143, no traceback (CI
+    saw the ValueError's traceback and exit 1)."""
+    code = ("import os, signal, time\n"
+            "from train import cli\n"
+            "signal.signal(signal.SIGTERM, cli.StartUpSigterm('stopped at start-up'))\n"
+            "def library():\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(5)\n"
+            "    except:\n"
+            "        raise ValueError('mesh_shape should be a sequence of ints')\n"
+            "cli.guarded(library)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: stopped at start-up"), (
+        proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_start_up_sigterm_whose_error_was_lost_stops_the_run_before_training():
     """Raised inside a finalizer, the handler's error is only printed by Python (and a
     library may catch anything): the loop, taking SIGTERM over, raises it again, so the

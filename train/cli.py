@@ -64,6 +64,17 @@ class StartUpSigterm:
         raise errors.Terminated(self.message)
 
 
+def sigterm_behind(e: BaseException) -> BaseException:
+    """`e`, or Terminated where start-up's SIGTERM fired first: a library that catches
+    every error (jax's mesh_utils turns any error of int() into a ValueError) can swallow
+    the handler's Terminated and raise its own in its place."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if isinstance(handler, StartUpSigterm) and handler.fired and not isinstance(
+            e, errors.Terminated):
+        return errors.Terminated(handler.message)
+    return e
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run `fn`; an error of the table prints its one line and exits with its code."""
     try:
@@ -72,6 +83,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED)
     except (Exception, errors.Terminated) as e:
+        e = sigterm_behind(e)
         code = errors.exit_code(e)
         if code is None:
             raise  # a bug: keep the traceback
