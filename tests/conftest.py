@@ -5,6 +5,13 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile far more than they compute: without LLVM's optimizations XLA:CPU
+# compiles about a quarter faster (the suite's programs are tiny; each result is compared
+# with another computed under the same flags). Subprocesses inherit it (helpers.cli_env);
+# the product's own CPU setting (train/startup.py) is what test_step checks against it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -36,8 +36,16 @@ def padded_spec(x) -> tuple:
 
 
 def cli_env(devices: int = 8, **extra: str) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    """The environment of a tool run as a subprocess. Where a compilation cache is set
+    (CI: JAX_COMPILATION_CACHE_DIR), every program goes into it, not only those that took
+    a second to compile: the suite's many runs of the same small configs start faster.
+    XLA flags are the test process's (conftest.py), with `devices` fake CPU devices."""
+    count = "--xla_force_host_platform_device_count"
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join([f"{count}={devices}", *inherited]), **extra)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return env
 
 
 def run_cli(*args: str, module: str = "train", devices: int = 8, timeout: int = 600,

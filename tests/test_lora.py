@@ -87,7 +87,8 @@ def test_merged_weights_equal_the_adapted_forward_and_sharded_equals_one_device(
     np.testing.assert_allclose(losses_many, losses_one, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(split_trainable(many.params, True)[0]),
                          jax.tree.leaves(split_trainable(one.params, True)[0])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+        # Adam's normalized steps turn rounding in a tiny gradient into a step's worth
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
     spec = many.params["blocks"]["wq_lora_b"].get_value().sharding.spec
     assert tuple(spec)[2] == "model"  # B is laid out as the heads of wq it adapts
     from dataclasses import replace

@@ -401,6 +401,6 @@ def test_megablox_kernel_equals_ragged_dot(devices):
         results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(p, h_BTD))
     (ref, ref_grads), *others = results
     for out, grads in others:
-        np.testing.assert_allclose(out, ref, rtol=1e-6)
+        np.testing.assert_allclose(out, ref, rtol=1e-5)  # a sum of 1,024 fp32 terms
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
