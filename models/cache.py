@@ -4,7 +4,10 @@ A batch of prompts is left-padded to a common length: every sequence writes its 
 tokens into the same cache slots, so one scalar `index` says where the new tokens go. A
 sequence's `pad_B` leading slots are padding: no query attends to them, and its
 positions count from its first real token, so a padded prompt produces what it would
-alone. Keys and values of all layers are held in the compute dtype, (L, B, S, K, H)
+alone. The serving engine's rows are independent sequences, each at its own length:
+there `index` is (B,), each row's first slot of this call (no padding); slots past a
+row's own are never attended to, so whatever an earlier sequence left there is inert.
+Keys and values of all layers are held in the compute dtype, (L, B, S, K, H)
 each, with logical axes (batch over the batch mesh axes, kv heads like the weights).
 
 Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size.
@@ -26,7 +29,7 @@ CACHE_AXES = ("layers", "batch", "act_length", "act_kv_heads", None)
 class KVCache(NamedTuple):
     k_LBSKH: jax.Array
     v_LBSKH: jax.Array
-    index: jax.Array  # int32 scalar: the slot of the first token of this call
+    index: jax.Array  # int32 scalar, or (B,) per row: the slot of this call's first token
     pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
 
     def at(self, index) -> "KVCache":
@@ -36,7 +39,8 @@ class KVCache(NamedTuple):
     def slots(self, length: int) -> jax.Array:
         """(B, T) cache slots of the `length` tokens of this call."""
         B = self.pad_B.shape[0]
-        return self.index + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))
+        first_B1 = jnp.reshape(self.index, (-1, 1))  # (1, 1) for a scalar index
+        return first_B1 + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))
 
     def positions(self, length: int) -> jax.Array:
         """(B, T) positions of this call's tokens, counted from each sequence's first
@@ -47,16 +51,39 @@ class KVCache(NamedTuple):
               constrain: Constrain) -> "KVCache":
         """The cache with layer `layer`'s keys and values of this call's tokens written
         in (in place, when the caller donates the cache)."""
-        at = (layer, 0, self.index, 0, 0)
         dt = self.k_LBSKH.dtype
-        k_LBSKH = jax.lax.dynamic_update_slice(self.k_LBSKH, k_BTKH.astype(dt)[None], at)
-        v_LBSKH = jax.lax.dynamic_update_slice(self.v_LBSKH, v_BTKH.astype(dt)[None], at)
+        if self.index.ndim == 0:
+            at = (layer, 0, self.index, 0, 0)
+            k_LBSKH = jax.lax.dynamic_update_slice(self.k_LBSKH, k_BTKH.astype(dt)[None], at)
+            v_LBSKH = jax.lax.dynamic_update_slice(self.v_LBSKH, v_BTKH.astype(dt)[None], at)
+        else:  # each row at its own slot (the caller keeps index_B + T within the cache)
+            k_LBSKH, v_LBSKH = (_write_rows(c, x.astype(dt), layer, self.index)
+                                for c, x in ((self.k_LBSKH, k_BTKH), (self.v_LBSKH, v_BTKH)))
         return self._replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
                              v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array]:
         """(B, S, K, H) keys and values of one layer."""
         return self.k_LBSKH[layer], self.v_LBSKH[layer]
+
+
+def _write_rows(c_LBSKH: jax.Array, x_BTKH: jax.Array, layer, index_B: jax.Array
+                ) -> jax.Array:
+    """c with layer `layer` of row b written from slot index_B[b] on, for every b."""
+    def row(c_LSKH, x_TKH, first):
+        return jax.lax.dynamic_update_slice(c_LSKH, x_TKH[None], (layer, first, 0, 0))
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(c_LBSKH, x_BTKH, index_B)
+
+
+def copy_row(into: KVCache, row, source: KVCache, source_row) -> KVCache:
+    """`into` with row `row`'s first slots replaced by row `source_row` of `source` (its
+    keys and values of all layers; `source` holds no more slots than `into`)."""
+    def put(c_LBSKH, s_LBSKH):
+        one_L1SKH = jax.lax.dynamic_index_in_dim(s_LBSKH, source_row, axis=1, keepdims=True)
+        return jax.lax.dynamic_update_slice(c_LBSKH, one_L1SKH.astype(c_LBSKH.dtype),
+                                            (0, row, 0, 0, 0))
+    return into._replace(k_LBSKH=put(into.k_LBSKH, source.k_LBSKH),
+                         v_LBSKH=put(into.v_LBSKH, source.v_LBSKH))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, constrain: Constrain,

@@ -50,3 +50,27 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int 
         return jnp.argmax(logits_BV.astype(jnp.float32), axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, processed(logits_BV, temperature, top_k, top_p),
                                   axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """The next token (B,) int32 with each row's own settings (arrays, so one compiled
+    program serves any mix): greedy where its temperature is 0, else drawn with its own
+    key from the tempered logits cut to its top-k (0: all) and top-p, as `sample` does."""
+    V = logits_BV.shape[-1]
+
+    def row(logits_V, key, temperature, top_k, top_p):
+        logits_V = logits_V.astype(jnp.float32)
+        scaled_V = logits_V / jnp.where(temperature > 0, temperature, 1.0)
+        sorted_V = jnp.sort(scaled_V)[::-1]
+        k = jnp.where((top_k > 0) & (top_k < V), top_k, V)
+        keep_V = scaled_V >= sorted_V[k - 1]
+        kept_V = jnp.sort(jnp.where(keep_V, scaled_V, NEG))[::-1]
+        probs_V = jax.nn.softmax(kept_V)
+        before_V = jnp.cumsum(probs_V) - probs_V  # mass of the likelier tokens
+        count = jnp.maximum(jnp.sum(before_V < top_p), 1)
+        keep_V = keep_V & ((top_p >= 1.0) | (scaled_V >= kept_V[count - 1]))
+        drawn = jax.random.categorical(key, jnp.where(keep_V, scaled_V, -jnp.inf))
+        return jnp.where(temperature > 0, drawn, jnp.argmax(logits_V)).astype(jnp.int32)
+
+    return jax.vmap(row)(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)

@@ -1,0 +1,164 @@
+"""The continuous-batching engine against static-batch generation (train.inference
+Generator) on a 2x2x2 mesh: each request's tokens as if it ran alone, seeds that make
+sampling reproducible whatever else is in the batch, slots freed at once, no compile
+after the engine is built; streamed text (UTF-8 and stop strings)."""
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+from test_generate import built
+
+from models.sampling import allowed, sample_rows
+from train.errors import InputError
+from train.inference import Generator
+from train.inference.engine import Engine, Request, Sampling
+from train.inference.text import TextStream
+
+EOS = 127  # outside the vocabulary the model may produce (vocab_limit 127): no EOS
+rng = np.random.default_rng(3)
+# lengths that vary 20x, more requests than slots, prompts longer than a chunk
+PROMPTS = [rng.integers(0, 127, n).tolist() for n in (1, 20, 3, 13, 7, 2, 17, 5, 9, 11)]
+MAX_TOKENS = [12, 3, 16, 5, 1, 9, 14, 2, 7, 10]
+
+
+@pytest.fixture(scope="module")
+def mesh_model():
+    return built("llama", (2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def engine(mesh_model):
+    model, mesh, rules = mesh_model
+    return Engine(model, mesh, rules, eos_id=EOS, vocab_limit=127, max_batch=4, max_len=40,
+                  chunk=4)
+
+
+@pytest.fixture(scope="module")
+def static(mesh_model):
+    """Each prompt's greedy continuation by the static batch of all of them."""
+    model, mesh, rules = mesh_model
+    gen = Generator(model, mesh, rules, eos_id=EOS, vocab_limit=127)
+    return gen.generate(PROMPTS, max(MAX_TOKENS)).tokens
+
+
+def count_compiles():
+    seen = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return seen, lambda: jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, static):
+    """Ten requests of 1 to 20 prompt tokens and 1 to 16 new ones through 4 slots:
+    each gets the static batch's greedy tokens, cut to its own limit; none compiles."""
+    assert (engine.B, engine.P, engine.C, engine.S) == (4, 4, 4, 40)
+    seen, stop = count_compiles()
+    try:
+        done = engine.generate(PROMPTS, [Sampling(max_tokens=n) for n in MAX_TOKENS])
+    finally:
+        stop()
+    assert seen == []
+    for r, want, n in zip(done, static, MAX_TOKENS):
+        assert r.tokens == want[:n] and r.finish_reason == "length"
+    assert engine.busy == 0 and all(r is None for r in engine.slot_req)
+
+
+def test_eos_ends_a_request_and_is_not_one_of_its_tokens(mesh_model, static):
+    model, mesh, rules = mesh_model
+    eos = static[0][4]  # the fifth token of the first prompt's continuation
+    eng = Engine(model, mesh, rules, eos_id=eos, vocab_limit=127, max_batch=4, max_len=40,
+                 chunk=4)
+    want = Generator(model, mesh, rules, eos_id=eos, vocab_limit=127).generate(
+        PROMPTS[:4], 12)
+    done = eng.generate(PROMPTS[:4], Sampling(max_tokens=12))
+    assert [r.tokens for r in done] == want.tokens
+    assert [r.finish_reason == "stop" for r in done] == want.finished
+    assert done[0].tokens == static[0][:4] and done[0].finish_reason == "stop"
+
+
+def test_a_seed_gives_the_same_draws_whatever_else_is_in_the_batch(engine):
+    hot = Sampling(max_tokens=10, temperature=1.5, top_k=50, top_p=0.9, seed=7)
+    alone = engine.generate([PROMPTS[1]], hot)[0].tokens
+    others = [Sampling(max_tokens=8, temperature=1.0, seed=i) for i in range(5)]
+    crowd = engine.generate(PROMPTS[:6], others[:1] + [hot] + others[1:])
+    assert crowd[1].tokens == alone
+    other = engine.generate([PROMPTS[1]], Sampling(max_tokens=10, temperature=1.5, top_k=50,
+                                                   top_p=0.9, seed=8))[0].tokens
+    assert other != alone  # the seed matters
+    assert len({tuple(r.tokens) for r in crowd}) == 6
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next(engine):
+    """Four long requests fill the four slots, a fifth waits; cancelling one lets the
+    fifth in at once and it completes as it would alone."""
+    longs = [engine.submit(Request(p, Sampling(max_tokens=25))) for p in PROMPTS[2:6]]
+    fifth = engine.submit(Request(PROMPTS[0], Sampling(max_tokens=12)))
+    for _ in range(6):
+        engine.step()
+    assert all(r.tokens for r in longs) and not fifth.tokens and len(engine.waiting) == 1
+    longs[1].cancel()
+    engine.step()
+    assert longs[1].finish_reason == "cancelled" and len(engine.waiting) == 0
+    while not fifth.done.is_set():
+        engine.step()
+    assert not any(r.done.is_set() for r in (longs[0], longs[2], longs[3]))
+    for r in longs:
+        r.cancel()
+    engine.step()
+    assert engine.busy == 0
+    assert fifth.tokens == engine.generate([PROMPTS[0]], Sampling(max_tokens=12))[0].tokens
+
+
+def test_requests_over_the_cache_or_with_bad_settings_are_refused(engine):
+    with pytest.raises(InputError, match="above serve.max_len=40"):
+        engine.submit(Request(PROMPTS[1], Sampling(max_tokens=21)))
+    with pytest.raises(InputError, match="top_p in"):
+        engine.submit(Request(PROMPTS[1], Sampling(top_p=0)))
+    with pytest.raises(InputError, match="no tokens"):
+        engine.submit(Request([], Sampling()))
+    model, mesh, rules = built("llama")
+    with pytest.raises(InputError, match="serve.max_len=999 is above the model's"):
+        Engine(model, mesh, rules, eos_id=EOS, max_len=999)
+
+
+def test_each_rows_draws_keep_to_its_own_top_k_and_top_p():
+    """sample_rows with a different setting per row: the greedy row gives the argmax; a
+    sampled row draws only from the set `allowed` gives it, and every token of that set
+    with 5% or more of its (tempered, cut) probability turns up in 300 draws."""
+    logits = jax.random.normal(jax.random.key(0), (1, 12)) * 2
+    settings = [(0.0, 0, 1.0), (1.0, 3, 1.0), (0.7, 0, 0.6), (1.3, 5, 0.8), (2.0, 0, 1.0)]
+    R = len(settings)
+    temps, top_k, top_p = (np.array(col) for col in zip(*settings))
+    draw = jax.jit(lambda key: sample_rows(
+        np.repeat(logits, R, 0), jax.random.split(key, R), temps.astype(np.float32),
+        top_k.astype(np.int32), top_p.astype(np.float32)))
+    draws = np.stack([np.asarray(draw(jax.random.key(i))) for i in range(300)])
+    assert set(draws[:, 0].tolist()) == {int(np.argmax(logits))}
+    for r, (t, k, p) in enumerate(settings[1:], 1):
+        keep = np.asarray(allowed(logits / t, k, p))[0]
+        probs = np.asarray(jax.nn.softmax(np.where(keep, logits[0] / t, -np.inf)))
+        got = set(draws[:, r].tolist())
+        assert got <= set(np.flatnonzero(keep).tolist()), (r, got)
+        assert set(np.flatnonzero(probs >= 0.05).tolist()) <= got, (r, got)
+
+
+def test_streamed_text_never_splits_a_character_nor_shows_a_stop_string():
+    """Byte tokens: a 3-byte character arrives whole; a stop string spanning three
+    tokens is found, and nothing of it, nor of a near miss that turns out not to be it,
+    is sent early."""
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
+    stream = TextStream(decode, stops=["END"])
+    pieces = [stream.push(b) for b in "a€bEN".encode() + b"x" + "ENEND!".encode()]
+    assert pieces[:5] == ["a", "", "", "€", "b"]  # € is 3 bytes
+    assert "".join(pieces) == "a€bENxEN" and stream.stopped
+    assert stream.push(ord("z")) == "" and stream.finish() == ""
+    plain = TextStream(decode)
+    text = "".join(plain.push(b) for b in "naï".encode()[:-1]) + plain.finish()
+    assert text == "na\ufffd"  # cut short inside a character: sent as it decodes
+    tail = TextStream(decode, stops=["\n\n"])
+    assert [tail.push(b) for b in b"hi\n"] == ["h", "i", ""]
+    assert tail.finish() == "\n"  # held back, then flushed at the end

@@ -1,0 +1,329 @@
+"""Continuous batching: many requests decoded together, each joining and leaving the
+batch on its own.
+
+The engine holds `max_batch` decode slots, each one request's KV cache rows of `max_len`
+slots, sharded over the mesh as generation shards its batch (rows over the batch mesh
+axes, kv heads over `model`). A waiting request is prefilled `chunk` tokens per engine
+step (up to one request per batch way at once, each in its own row of a small prefill
+cache, so a long prompt never stalls decoding for long), then its rows are copied into a
+free slot and it decodes with the others, one token per step; a request that ends (EOS,
+its token limit, a cancel) frees its slot at once. Each request samples with its own
+settings and seed: token i of a request is drawn with key fold_in(key(seed), i), so what
+it gets does not depend on what else is in the batch.
+
+Three programs of fixed shapes, compiled when the engine is built (prefill a chunk, copy
+a row, decode a step): serving never compiles again.
+
+Shapes: B decode slots, P prefill rows, C chunk, S cache slots, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import sharding
+from models.cache import copy_row
+from models.sampling import NEG, sample_rows
+from train.errors import InputError
+from train.inference.generate import inference_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """One request's settings: at most `max_tokens` new tokens; temperature 0 is greedy,
+    else top-k (0: all) and top-p cut the tempered distribution; `seed` fixes the draws."""
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
+
+
+class Request:
+    """A prompt being served. Its new tokens go to `on_token(id)` as they come (EOS is not
+    one of them), and its end to `on_finish(reason)`: "stop" (EOS), "length" (max_tokens)
+    or "cancelled". Both are called from the engine's thread."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling,
+                 on_token: Callable[[int], None] | None = None,
+                 on_finish: Callable[[str], None] | None = None):
+        self.prompt, self.sampling = list(prompt), sampling
+        self.on_token, self.on_finish = on_token, on_finish
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.done = threading.Event()
+        self._cancel = False
+
+    def cancel(self) -> None:
+        """Stop it at the engine's next step (thread-safe); its slot is freed then."""
+        self._cancel = True
+
+    def _emit(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(token)
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(reason)
+        self.done.set()
+
+
+class Engine:
+    """Continuous-batching generation with a sharded model (see the module's text)."""
+
+    def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
+                 max_batch: int = 8, max_len: int | None = None, chunk: int | None = None):
+        cfg = model.cfg
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise InputError(f"serve.max_len={max_len} is above the model's max_seq_len="
+                             f"{cfg.max_seq_len}; lower it")
+        self.graphdef, params = nnx.split(model)
+        self.params = jax.jit(lambda p: inference_params(p, jnp.dtype(cfg.dtype)))(params)
+        self.cfg, self.mesh, self.eos_id = cfg, mesh, eos_id
+        self.vocab_limit = vocab_limit or cfg.vocab_size
+        ways = sharding.batch_ways(mesh, rules)
+        self.max_len = max_len
+        self.B = -(-max_batch // ways) * ways  # whole rows per batch shard
+        self.P = ways
+        self.C = min(chunk or cfg.attention_block, max_len)
+        self.S = -(-max_len // self.C) * self.C  # chunks start at multiples of C and fit
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        # decode slots: the request, the next cache slot to write, the token to feed
+        self.slot_req: list[Request | None] = [None] * self.B
+        self.slot_pos = np.zeros(self.B, np.int32)
+        self.slot_last = np.zeros(self.B, np.int32)
+        # prefill rows: the request, its prompt tokens prefilled so far, its reserved slot
+        self.row_req: list[Request | None] = [None] * self.P
+        self.row_done = np.zeros(self.P, np.int32)
+        self.row_slot = np.zeros(self.P, np.int32)
+        self._compile(model)
+
+    # ------------------------------------------------------------------ device code
+
+    def _pick(self, logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B):
+        real_V = jnp.arange(logits_BV.shape[-1]) < self.vocab_limit
+        keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
+            seeds_B, counts_B)
+        return sample_rows(jnp.where(real_V, logits_BV, NEG), keys_B, temps_B, top_k_B,
+                           top_p_B)
+
+    def _replicated(self, x):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
+
+    def _prefill(self, params, cache, tokens_PC, start_P, last_P, seeds_P, temps_P, top_k_P,
+                 top_p_P):
+        """Chunk tokens_PC into rows from slots start_P on; the first new token of each
+        row whose prompt ends at last_P in this chunk."""
+        model = nnx.merge(self.graphdef, params)
+        x_PCD, cache = model.hidden(tokens_PC, cache=cache.at(start_P))
+        x_P1D = jnp.take_along_axis(x_PCD, last_P[:, None, None], axis=1)
+        logits_PV = model.logits(x_P1D)[:, 0]
+        first_P = self._pick(logits_PV, seeds_P, jnp.zeros_like(seeds_P), temps_P, top_k_P,
+                             top_p_P)
+        return self._replicated(first_P), cache
+
+    def _decode(self, params, cache, tokens_B, pos_B, seeds_B, counts_B, temps_B, top_k_B,
+                top_p_B):
+        model = nnx.merge(self.graphdef, params)
+        logits_BV, cache = model.extend(tokens_B[:, None], cache.at(pos_B))
+        next_B = self._pick(logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B)
+        return self._replicated(next_B), cache
+
+    def _compile(self, model) -> None:
+        """The three programs, compiled now for their only shapes."""
+        def empty(rows):  # a slot index per row, as the programs leave it
+            return jax.jit(lambda: model.init_cache(rows, self.S).at(
+                jnp.zeros(rows, jnp.int32)))()
+        self.cache, self.prefill_cache = empty(self.B), empty(self.P)
+        i32, f32 = np.int32, np.float32
+        P, B, C = self.P, self.B, self.C
+        self._prefill_fn = jax.jit(self._prefill, donate_argnums=(1,)).lower(
+            self.params, self.prefill_cache, self._global(np.zeros((P, C), i32)),
+            *(self._global(np.zeros(P, t)) for t in (i32, i32, i32, f32, i32, f32))).compile()
+        self._decode_fn = jax.jit(self._decode, donate_argnums=(1,)).lower(
+            self.params, self.cache,
+            *(self._global(np.zeros(B, t)) for t in (i32, i32, i32, i32, f32, i32, f32))
+        ).compile()
+        self._copy_fn = jax.jit(
+            copy_row, donate_argnums=(0,),
+            out_shardings=jax.tree.map(lambda x: x.sharding, self.cache)).lower(
+            self.cache, self._global(np.int32(0)), self.prefill_cache,
+            self._global(np.int32(0))).compile()
+
+    # ------------------------------------------------------------------ host side
+
+    def _global(self, x: np.ndarray):
+        """A host array every process holds, as a replicated global array."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(
+            x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: x[idx])
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (thread-safe); the engine's steps serve it."""
+        request.sampling.check()
+        if not request.prompt:
+            raise InputError("the prompt has no tokens; give some text")
+        total = len(request.prompt) + request.sampling.max_tokens
+        if total > self.max_len:
+            raise InputError(f"the prompt's {len(request.prompt)} tokens plus max_tokens="
+                             f"{request.sampling.max_tokens} is {total}, above serve.max_len="
+                             f"{self.max_len}; shorten the prompt or ask for fewer tokens")
+        with self.lock:
+            self.waiting.append(request)
+        self.wake.set()
+        return request
+
+    @property
+    def busy(self) -> int:
+        """Requests waiting, prefilling or decoding."""
+        return (len(self.waiting) + sum(r is not None for r in self.row_req)
+                + sum(r is not None for r in self.slot_req))
+
+    def step(self) -> bool:
+        """One engine step: drop cancelled requests, admit waiting ones, prefill one chunk
+        of each prefilling request, decode one token of each decoding one. False: there
+        was nothing to do."""
+        self._drop_cancelled()
+        self._admit()
+        worked = False
+        if any(r is not None for r in self.row_req):
+            self._prefill_step()
+            worked = True
+        if any(r is not None for r in self.slot_req):
+            self._decode_step()
+            worked = True
+        return worked
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set (the server's engine thread)."""
+        while not stop.is_set():
+            if not self.step():
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling]
+                 ) -> list[Request]:
+        """Serve these prompts to the end from this thread (Python use, tests)."""
+        each = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        requests = [self.submit(Request(p, s)) for p, s in zip(prompts, each)]
+        while not all(r.done.is_set() for r in requests):
+            self.step()
+        return requests
+
+    def _drop_cancelled(self) -> None:
+        with self.lock:
+            kept = [r for r in self.waiting if not r._cancel]
+            dropped = [r for r in self.waiting if r._cancel]
+            self.waiting = collections.deque(kept)
+        for r in dropped:
+            r._finish("cancelled")
+        for i, r in enumerate(self.row_req):
+            if r is not None and r._cancel:
+                self.row_req[i] = None
+                r._finish("cancelled")
+        for b, r in enumerate(self.slot_req):
+            if r is not None and r._cancel:
+                self.slot_req[b] = None
+                r._finish("cancelled")
+
+    def _admit(self) -> None:
+        reserved = {int(self.row_slot[i]) for i, r in enumerate(self.row_req) if r is not None}
+        free = [b for b, r in enumerate(self.slot_req) if r is None and b not in reserved]
+        for i in range(self.P):
+            if self.row_req[i] is not None or not free:
+                continue
+            with self.lock:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, free.pop(0)
+
+    def _prefill_step(self) -> None:
+        P, C = self.P, self.C
+        tokens = np.zeros((P, C), np.int32)
+        last = np.zeros(P, np.int32)
+        settings = np.zeros((4, P), np.float64)  # seed, temperature, top_k, top_p
+        ends = []
+        for i, r in enumerate(self.row_req):
+            if r is None:
+                continue
+            piece = r.prompt[self.row_done[i]:self.row_done[i] + C]
+            tokens[i, :len(piece)] = piece
+            last[i] = len(piece) - 1
+            s = r.sampling
+            settings[:, i] = (s.seed, s.temperature, s.top_k, s.top_p)
+            if self.row_done[i] + len(piece) == len(r.prompt):
+                ends.append(i)
+        first, self.prefill_cache = self._prefill_fn(
+            self.params, self.prefill_cache, self._global(tokens), self._global(self.row_done),
+            self._global(last), *self._settings(settings))
+        first = np.asarray(first.addressable_data(0))
+        for i, r in enumerate(self.row_req):
+            if r is not None:
+                self.row_done[i] += C
+        for i in ends:
+            r, b = self.row_req[i], int(self.row_slot[i])
+            self.row_req[i] = None
+            self.cache = self._copy_fn(self.cache, self._global(np.int32(b)),
+                                       self.prefill_cache, self._global(np.int32(i)))
+            self.slot_req[b] = r
+            self.slot_pos[b], self.slot_last[b] = len(r.prompt), first[i]
+            self._take(b, int(first[i]))
+
+    def _settings(self, settings: np.ndarray):
+        seeds, temps, top_k, top_p = settings
+        return (self._global(seeds.astype(np.int32)), self._global(temps.astype(np.float32)),
+                self._global(top_k.astype(np.int32)), self._global(top_p.astype(np.float32)))
+
+    def _decode_step(self) -> None:
+        B = self.B
+        settings = np.zeros((4, B), np.float64)
+        counts = np.zeros(B, np.int32)
+        pos = np.zeros(B, np.int32)
+        for b, r in enumerate(self.slot_req):
+            if r is not None:
+                s = r.sampling
+                settings[:, b] = (s.seed, s.temperature, s.top_k, s.top_p)
+                counts[b], pos[b] = len(r.tokens), self.slot_pos[b]
+        seeds, temps, top_k, top_p = self._settings(settings)
+        nxt, self.cache = self._decode_fn(
+            self.params, self.cache, self._global(self.slot_last), self._global(pos), seeds,
+            self._global(counts), temps, top_k, top_p)
+        nxt = np.asarray(nxt.addressable_data(0))
+        for b, r in enumerate(self.slot_req):
+            if r is not None:
+                self.slot_pos[b] += 1
+                self.slot_last[b] = nxt[b]
+                self._take(b, int(nxt[b]))
+
+    def _take(self, b: int, token: int) -> None:
+        """Slot b's request got `token`: pass it on, or end the request and free the slot."""
+        r = self.slot_req[b]
+        if token == self.eos_id:
+            self.slot_req[b] = None
+            r._finish("stop")
+            return
+        r._emit(token)
+        if len(r.tokens) >= r.sampling.max_tokens:
+            self.slot_req[b] = None
+            r._finish("length")
