@@ -92,6 +92,12 @@ def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def python_c(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the repository root, one fake device."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_a_details_file_left_by_an_earlier_process_with_our_pid_is_not_ours():
     """Process ids are reused: a /tmp/shardlm-<pid>.log from a finished process must not
     make this process's error line point at it."""
@@ -100,8 +106,7 @@ def test_a_details_file_left_by_an_earlier_process_with_our_pid_is_not_ours():
             "open(path, 'w').write('an earlier process')\n"
             "from train import startup\n"
             "print(repr(startup.details()), os.path.exists(path))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
-                          capture_output=True, text=True, timeout=120)
+    proc = python_c(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["''", "False"]
 
@@ -120,8 +125,7 @@ def test_sigterm_is_not_swallowed_by_a_librarys_except_exception():
             "        print('swallowed')\n"
             "except errors.Terminated as e:\n"
             "    print('terminated', errors.exit_code(e))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
-                          capture_output=True, text=True, timeout=120)
+    proc = python_c(code)
     assert proc.stdout.split() == ["terminated", "143"], proc.stdout + proc.stderr[-2000:]
 
 
@@ -139,8 +143,7 @@ def test_a_sigterm_turned_into_a_librarys_own_error_is_still_the_sigterms_line()
             "    except:\n"
             "        raise ValueError('mesh_shape should be a sequence of ints')\n"
             "cli.guarded(library)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
-                          capture_output=True, text=True, timeout=120)
+    proc = python_c(code)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: stopped at start-up"), (
         proc.stderr[-2000:])
@@ -166,7 +169,6 @@ def test_a_start_up_sigterm_whose_error_was_lost_stops_the_run_before_training()
             "    SigtermFlag(None)\n"
             "except errors.Terminated as e:\n"
             "    print('terminated', e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
-                          capture_output=True, text=True, timeout=120)
+    proc = python_c(code)
     assert proc.stdout.split() == ["went", "on", "terminated", "stopped"], (
         proc.stdout + proc.stderr[-2000:])
