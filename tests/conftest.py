@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initializes its backend."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -27,7 +29,8 @@ from helpers import run_cli, save_small_hf  # noqa: E402
 # Tests of the command-line tools' surface (arguments, messages, files): the same Python
 # on either version, so CI's second Python leaves them to the first.
 TOOL_MODULES = {"test_cli.py", "test_inference_cli.py", "test_data_sources.py",
-                "test_metrics.py", "test_layout_tool.py", "test_loop.py", "test_lock.py"}
+                "test_metrics.py", "test_layout_tool.py", "test_loop.py", "test_lock.py",
+                "test_serve.py"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,6 +118,31 @@ def bpe_run(tmp_path_factory):
                    "model.mlp_dim=128", "compile_cache_dir=null", devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, root / "tok.json"
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """The tiny Llama fine-tuned by `python -m train` on chat JSONL (Qwen2.5's template,
+    a BPE tokenizer): user turns of random words, every reply "Thanks, noted.". Returns
+    (run directory, the run's output)."""
+    from chat_templates import TEMPLATES, write_tokenizer
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = write_tokenizer(root / "tok", TEMPLATES["qwen2.5"])
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "zeta", "kappa", "sigma"]
+    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 12))},
+                          {"role": "assistant", "content": "Thanks, noted."}]}
+            for _ in range(400)]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = root / "run"
+    proc = run_cli("--config", "configs/tiny.yaml", f"data.path={root / 'chat.jsonl'}",
+                   f"data.tokenizer={tokenizer}", f"data.cache_dir={root}/c",
+                   "model.vocab_size=512", "train.seq_len=128", "train.batch_size=16",
+                   "train.steps=60", "train.log_every=10", "optimizer.lr=3e-3",
+                   "optimizer.warmup_steps=5", "model.num_layers=2", "compile_cache_dir=null",
+                   f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from train.data.tokenizer import load_tokenizer
 from train.errors import DataError
 
 from chat_templates import TEMPLATES, write_tokenizer
-from helpers import run_cli
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -187,25 +186,13 @@ def test_completion_only_loss_equals_a_hand_computation(tokenizers, tmp_path, de
 
 
 @pytest.mark.once
-def test_a_chat_run_learns_the_replies_and_not_the_noise_around_them(tokenizers, tmp_path):
+def test_a_chat_run_learns_the_replies_and_not_the_noise_around_them(chat_run):
     """User turns of random noise, assistant replies that follow from nothing but the
     template: with only the assistant's tokens trained on, `python -m train` on the
-    JSONL drives the training loss near zero (the noise would keep it far above)."""
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "zeta", "kappa", "sigma"]
-    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 12))},
-                          {"role": "assistant", "content": "Thanks, noted."}]}
-            for _ in range(400)]
-    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "run"
-    proc = run_cli("--config", "configs/tiny.yaml", f"data.path={tmp_path / 'chat.jsonl'}",
-                   f"data.tokenizer={tokenizers['qwen2.5']}", f"data.cache_dir={tmp_path}/c",
-                   "model.vocab_size=512", "train.seq_len=128", "train.batch_size=16",
-                   "train.steps=60", "train.log_every=10", "optimizer.lr=3e-3",
-                   "optimizer.warmup_steps=5", "model.num_layers=2", "compile_cache_dir=null",
-                   f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "chat examples packed whole" in proc.stdout + proc.stderr
+    JSONL (conftest.chat_run) drives the training loss near zero (the noise would keep
+    it far above)."""
+    out, log = chat_run
+    assert "chat examples packed whole" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.05, [r["loss"] for r in rows]
     assert (out / "chat_template.jinja").exists()  # beside the run, for generation

@@ -250,6 +250,25 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    # `python -m train.serve`: decode slots run together, each with a KV cache of max_len
+    # tokens (null: the model's max_seq_len; a request's prompt plus max_tokens must fit)
+    max_batch: int = 8
+    max_len: Optional[int] = None
+    max_queue: int = 64  # requests waiting for a slot; one more is answered 429
+    drain_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
+    model_name: Optional[str] = None  # the id clients ask for; None: --checkpoint as given
+
+    def check(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 0 or self.drain_s < 0:
+            raise ConfigError(f"serve.max_batch={self.max_batch}, serve.max_queue="
+                              f"{self.max_queue}, serve.drain_s={self.drain_s}: max_batch "
+                              "must be at least 1, the others at least 0")
+        if self.max_len is not None and self.max_len < 2:
+            raise ConfigError(f"serve.max_len must be at least 2, got {self.max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "default"
     output_dir: Optional[str] = None  # None: runs/<name>
@@ -266,6 +285,7 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     @property
     def run_dir(self) -> str:
@@ -555,7 +575,7 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.dpo, cfg.data, cfg.eval, cfg.checkpoint,
-                    cfg.distributed, cfg.metrics, cfg.profile):
+                    cfg.distributed, cfg.metrics, cfg.profile, cfg.serve):
         section.check()
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len="

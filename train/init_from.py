@@ -30,6 +30,7 @@ from train.config import _build
 from train.errors import ConfigError, ShardlmError
 from train.hf.tensors import load_params
 from train.inference.load import (
+    HF,
     checkpoint_config,
     is_export,
     read_export_info,
@@ -39,7 +40,6 @@ from train.state import init_state, split_trainable
 
 log = logging.getLogger("train")
 
-HF = "hf:"
 # model.* keys a fine-tuning run may set whatever the source: how to compute and train,
 # not what the parameters are
 OWN_KEYS = ("init_from", "dtype", "param_dtype", "scan_layers", "remat", "attention",

@@ -54,16 +54,23 @@ class Sampling:
             raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
 
 
+class QueueFull(Exception):
+    """submit() while max_queue requests are waiting already."""
+
+
 class Request:
-    """A prompt being served. Its new tokens go to `on_token(id)` as they come (EOS is not
-    one of them), and its end to `on_finish(reason)`: "stop" (EOS), "length" (max_tokens)
+    """A prompt being served. Its new tokens go to `on_token(id)` as they come (EOS and
+    the `stop_ids` that end it, e.g. a chat template's end of turn, are not among them),
+    and its end to `on_finish(reason)`: "stop" (EOS, a stop id), "length" (max_tokens)
     or "cancelled". Both are called from the engine's thread."""
 
     def __init__(self, prompt: list[int], sampling: Sampling,
                  on_token: Callable[[int], None] | None = None,
-                 on_finish: Callable[[str], None] | None = None):
+                 on_finish: Callable[[str], None] | None = None,
+                 stop_ids: frozenset[int] = frozenset()):
         self.prompt, self.sampling = list(prompt), sampling
         self.on_token, self.on_finish = on_token, on_finish
+        self.stop_ids = frozenset(stop_ids)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.done = threading.Event()
@@ -89,7 +96,8 @@ class Engine:
     """Continuous-batching generation with a sharded model (see the module's text)."""
 
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
-                 max_batch: int = 8, max_len: int | None = None, chunk: int | None = None):
+                 max_batch: int = 8, max_len: int | None = None, chunk: int | None = None,
+                 max_queue: int | None = None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
@@ -100,7 +108,7 @@ class Engine:
         self.cfg, self.mesh, self.eos_id = cfg, mesh, eos_id
         self.vocab_limit = vocab_limit or cfg.vocab_size
         ways = sharding.batch_ways(mesh, rules)
-        self.max_len = max_len
+        self.max_len, self.max_queue = max_len, max_queue
         self.B = -(-max_batch // ways) * ways  # whole rows per batch shard
         self.P = ways
         self.C = min(chunk or cfg.attention_block, max_len)
@@ -179,7 +187,8 @@ class Engine:
             x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: x[idx])
 
     def submit(self, request: Request) -> Request:
-        """Queue a request (thread-safe); the engine's steps serve it."""
+        """Queue a request (thread-safe); the engine's steps serve it. QueueFull when
+        max_queue requests are waiting."""
         request.sampling.check()
         if not request.prompt:
             raise InputError("the prompt has no tokens; give some text")
@@ -189,15 +198,28 @@ class Engine:
                              f"{request.sampling.max_tokens} is {total}, above serve.max_len="
                              f"{self.max_len}; shorten the prompt or ask for fewer tokens")
         with self.lock:
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue="
+                                f"{self.max_queue}); retry later")
             self.waiting.append(request)
         self.wake.set()
         return request
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
+
+    @property
+    def slots_busy(self) -> int:
+        """Decode slots held (prefilling or decoding)."""
+        return (sum(r is not None for r in self.slot_req)
+                + sum(r is not None for r in self.row_req))
+
+    @property
     def busy(self) -> int:
         """Requests waiting, prefilling or decoding."""
-        return (len(self.waiting) + sum(r is not None for r in self.row_req)
-                + sum(r is not None for r in self.slot_req))
+        return self.queued + self.slots_busy
 
     def step(self) -> bool:
         """One engine step: drop cancelled requests, admit waiting ones, prefill one chunk
@@ -229,6 +251,13 @@ class Engine:
         while not all(r.done.is_set() for r in requests):
             self.step()
         return requests
+
+    def cancel_all(self) -> None:
+        """Cancel every request waiting, prefilling or decoding (thread-safe)."""
+        with self.lock:
+            requests = list(self.waiting)
+        for r in requests + [r for r in self.row_req + self.slot_req if r is not None]:
+            r.cancel()
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -319,7 +348,7 @@ class Engine:
     def _take(self, b: int, token: int) -> None:
         """Slot b's request got `token`: pass it on, or end the request and free the slot."""
         r = self.slot_req[b]
-        if token == self.eos_id:
+        if token == self.eos_id or token in r.stop_ids:
             self.slot_req[b] = None
             r._finish("stop")
             return

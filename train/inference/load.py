@@ -1,6 +1,7 @@
-"""A trained model for inference: its parameters, from a run's checkpoint or an export
-directory (`python -m train.export`, `python -m train.convert hf-to-ckpt`), laid out
-on the mesh the user chose; and the tokenizer it was trained with.
+"""A trained model for inference: its parameters, from a run's checkpoint, an export
+directory (`python -m train.export`, `python -m train.convert hf-to-ckpt`) or a Hugging
+Face directory (`hf:DIR`, read as model.init_from reads it), laid out on the mesh the
+user chose; and the tokenizer it was trained with.
 
 The model config is the resolved config saved beside the parameters; `--config` and
 key=value overrides choose the mesh and rules (and may change model keys that do not
@@ -22,7 +23,15 @@ from flax import nnx
 from models import lora
 from models.config import LoraConfig
 from train.checkpoint import Checkpoints, absolute, check_param_shapes, find_checkpoint
-from train.config import Config, from_dict, to_dict, with_overrides
+from train.config import (
+    Config,
+    from_dict,
+    merge,
+    override_key,
+    parse_override,
+    to_dict,
+    with_overrides,
+)
 from train.data.resolve import run_tokenizer
 from train.data.tokenizer import load_tokenizer
 from train.errors import CheckpointError, ConfigError, DataError
@@ -31,6 +40,7 @@ from train.state import combine
 from train.storage import first_line
 
 PARAMS, CONFIG_JSON = "params", "config.json"
+HF = "hf:"  # a Hugging Face directory, as model.init_from names one
 HF_INFO = "hf.json"  # beside a run started from hf:DIR (train/init_from.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # What a user's override may change in a saved config: how to compute (model.*), and
@@ -108,6 +118,8 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
     """Parameters at `path` (run dir, checkpoints dir, step dir or export dir) on the
     mesh of `user`. A checkpoint whose shapes differ from the model config is a
     CheckpointError naming the first parameter that differs."""
+    if path.startswith(HF):
+        return load_hf(path, user, overrides, flag)
     path = absolute(path)
     if not epath.Path(path).exists():
         raise CheckpointError(f"{flag} {path!r} does not exist")
@@ -134,6 +146,29 @@ def load(path: str, user: Config, overrides: Sequence[str] = (),
             info["hf"] = json.loads(hf_json.read_text())
     return Loaded(cfg, nnx.merge(p.abstract.graphdef, params), p, where, info, artifact_dir,
                   saved)
+
+
+def load_hf(source: str, user: Config, overrides: Sequence[str], flag: str) -> Loaded:
+    """A Hugging Face directory (`hf:DIR`) on the mesh of `user`: the model config from
+    its config.json (the user's explicit model.* overrides on top, as for
+    model.init_from), the parameters read onto their shardings."""
+    from train.init_from import hf_info, initial_params, resolve  # imports this module
+    directory = absolute(source[len(HF):])
+    if not (epath.Path(directory) / "config.json").exists():
+        raise CheckpointError(f"{flag} {source}: {directory}/config.json does not exist (a "
+                              "Hugging Face model directory holds config.json and "
+                              "*.safetensors)")
+    raw = to_dict(user)
+    raw["model"] = {"init_from": HF + directory}
+    raw["data"] = dict(raw["data"], path=None, source="synthetic", tokenizer="byte")
+    for text in overrides:
+        if override_key(text).startswith("model."):
+            raw = merge(raw, parse_override(text))
+    cfg = from_dict(resolve(raw))
+    p = plan(cfg, batches=False)
+    params = initial_params(cfg, p)()
+    return Loaded(cfg, nnx.merge(p.abstract.graphdef, params), p, source,
+                  {"step": 0, "hf": hf_info(cfg.model.init_from)}, directory, to_dict(cfg))
 
 
 def read_export_info(path: str) -> tuple[dict, dict]:

@@ -1,0 +1,155 @@
+"""`python -m train.serve --checkpoint PATH [--config X.yaml key=value ...] [--host H]
+[--port N]`
+
+An OpenAI-compatible HTTP server (train/inference/server.py) over the continuous-batching
+engine (train/inference/engine.py), the model sharded on the config's mesh. PATH is what
+`python -m train.generate` reads (a run, a checkpoints dir, a step's dir, an export) or
+`hf:DIR`, a Hugging Face model directory. Settings: the config's `serve.*` keys.
+
+The port is taken first (a port in use is an error before anything loads); until the
+model is loaded and its programs compiled every route answers 503. SIGTERM or Ctrl-C:
+new requests get 503, those in flight get serve.drain_s seconds to finish and are then
+cancelled, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+
+from etils import epath
+
+from train import cli
+from train.data.chat import load_template
+from train.errors import InputError
+from train.inference.engine import Engine
+from train.inference.load import find_tokenizer, load
+from train.inference.server import Service, State, make_app
+
+log = logging.getLogger("train")
+END_MARK = "\u2063shardlm-end-of-turn\u2063"
+
+
+def main(argv=None) -> None:
+    p = cli.parser("Serve a trained (or Hugging Face) model over an OpenAI-compatible API.")
+    p.add_argument("--checkpoint", required=True,
+                   help="run output_dir, checkpoints dir, one step's dir, an export, or hf:DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the one the model came with)")
+    cli.main(p, argv, serve, start={}, terminated="stopped by SIGTERM while starting")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads: a port in use is an error
+    at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is in use; pass --port with a free one "
+                             "(--port 0 picks one)") from None
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and "
+                         "--port") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(cfg, args) -> None:
+    import uvicorn
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    state = State(cfg.serve.model_name or args.checkpoint)
+    server = uvicorn.Server(uvicorn.Config(make_app(state), log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                            name="http")
+    http.start()
+    url = f"http://{host}:{port}"
+    print(f"listening on {url} (503 until the model is ready)", flush=True)
+    try:
+        engine = start_engine(cfg, args, state)
+        print(f"serving {state.model_name!r} on {url}/v1 ({engine.B} slots of "
+              f"{engine.max_len} tokens, {engine.mesh.size} devices)", flush=True)
+        run_until_signal(engine)
+        drain(state, engine, cfg.serve.drain_s)
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+
+
+def start_engine(cfg, args, state: State) -> Engine:
+    loaded = load(args.checkpoint, cfg, args.overrides)
+    tok = find_tokenizer(loaded, args.tokenizer)
+    template = load_template(tok.path) if getattr(tok, "kind", None) == "hf" else None
+    s = cfg.serve
+    engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=tok.eos_id,
+                    vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
+                    max_batch=s.max_batch, max_len=s.max_len, max_queue=s.max_queue)
+    state.ready(Service(engine, tok, template, model_name=state.model_name,
+                        chat_stop_ids=chat_stop_ids(tok, template, loaded.artifact_dir),
+                        metrics=state.metrics))
+    return engine
+
+
+def chat_stop_ids(tok, template, artifact_dir: str) -> frozenset[int]:
+    """Token ids that end an assistant's turn besides EOS: the special token the chat
+    template writes after a reply (Llama 3's <|eot_id|>, ChatML's <|im_end|>), and the
+    eos_token_id(s) of a generation_config.json beside the model."""
+    ids = set()
+    if template is not None:
+        text = template.render([{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": END_MARK}])
+        tail = text[text.rindex(END_MARK) + len(END_MARK):] if END_MARK in text else ""
+        special = {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
+        ids |= {next((i for i in tok.encode_batch([tail])[0] if i in special), tok.eos_id)}
+    config = epath.Path(artifact_dir) / "generation_config.json"
+    if config.exists():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return frozenset(ids)
+
+
+def run_until_signal(engine: Engine) -> None:
+    """The engine's loop on this (the main) thread until SIGTERM or Ctrl-C."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():  # a second one: stop at once
+            raise KeyboardInterrupt
+        log.info("%s: draining", signal.Signals(signum).name)
+        stop.set()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    engine.run(stop)
+
+
+def drain(state: State, engine: Engine, drain_s: float) -> None:
+    """New requests get 503; those in flight run until done or drain_s has passed, the
+    rest are cancelled."""
+    state.status = "draining"
+    inflight = engine.busy
+    deadline = time.monotonic() + drain_s
+    while engine.busy and time.monotonic() < deadline:
+        if not engine.step():
+            time.sleep(0.01)
+    left = engine.busy
+    if left:
+        engine.cancel_all()
+        engine.step()
+    time.sleep(0.2)  # the event loop sends the last chunks
+    print(f"drained: {inflight - left} of {inflight} requests in flight finished, {left} "
+          "cancelled", flush=True)
+
+
+if __name__ == "__main__":
+    main()
