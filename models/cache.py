@@ -24,6 +24,7 @@ from models.config import ModelConfig
 from models.layers import Constrain
 
 CACHE_AXES = ("layers", "batch", "act_length", "act_kv_heads", None)
+UNROLL_ROWS = 64  # rows written one by one up to this many (XLA:CPU's scatter is slow)
 
 
 class KVCache(NamedTuple):
@@ -70,16 +71,23 @@ class KVCache(NamedTuple):
 def _write_rows(c_LBSKH: jax.Array, x_BTKH: jax.Array, layer, index_B: jax.Array
                 ) -> jax.Array:
     """c with layer `layer` of row b written from slot index_B[b] on, for every b."""
+    if x_BTKH.shape[0] <= UNROLL_ROWS:  # one in-place update per row (no scatter)
+        for b in range(x_BTKH.shape[0]):
+            c_LBSKH = jax.lax.dynamic_update_slice(
+                c_LBSKH, x_BTKH[b][None, None], (layer, b, index_B[b], 0, 0))
+        return c_LBSKH
+
     def row(c_LSKH, x_TKH, first):
         return jax.lax.dynamic_update_slice(c_LSKH, x_TKH[None], (layer, first, 0, 0))
     return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(c_LBSKH, x_BTKH, index_B)
 
 
 def copy_row(into: KVCache, row, source: KVCache, source_row) -> KVCache:
-    """`into` with row `row`'s first slots replaced by row `source_row` of `source` (its
-    keys and values of all layers; `source` holds no more slots than `into`)."""
+    """`into` with row `row` replaced by row `source_row` of `source` (its keys and
+    values of all layers, in as many slots as `into` has)."""
     def put(c_LBSKH, s_LBSKH):
         one_L1SKH = jax.lax.dynamic_index_in_dim(s_LBSKH, source_row, axis=1, keepdims=True)
+        one_L1SKH = one_L1SKH[:, :, :c_LBSKH.shape[2]]
         return jax.lax.dynamic_update_slice(c_LBSKH, one_L1SKH.astype(c_LBSKH.dtype),
                                             (0, row, 0, 0, 0))
     return into._replace(k_LBSKH=put(into.k_LBSKH, source.k_LBSKH),

@@ -27,11 +27,15 @@ def mesh_model():
     return built("llama", (2, 2, 2))
 
 
-@pytest.fixture(scope="module")
-def engine(mesh_model):
+@pytest.fixture(scope="module", params=[(1, None, 4), (3, 8, 16)], ids=["1-step", "3-steps"])
+def engine(mesh_model, request):
+    """One decode step per call, 4 prefill rows (the batch ways), 4-token chunks; or 3
+    steps per call (a request may end inside a call), 8 rows, chunks of 16 or 8 tokens
+    (the shortest that holds what is left)."""
     model, mesh, rules = mesh_model
+    steps, rows, chunk = request.param
     return Engine(model, mesh, rules, eos_id=EOS, vocab_limit=127, max_batch=4, max_len=40,
-                  chunk=4)
+                  chunk=chunk, decode_steps=steps, prefill_rows=rows)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,8 @@ def count_compiles():
 def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, static):
     """Ten requests of 1 to 20 prompt tokens and 1 to 16 new ones through 4 slots:
     each gets the static batch's greedy tokens, cut to its own limit; none compiles."""
-    assert (engine.B, engine.P, engine.C, engine.S) == (4, 4, 4, 40)
+    assert (engine.B, engine.S) == (4, 40)
+    assert (engine.P, engine.buckets) in ((4, [4]), (8, [8, 16]))
     seen, stop = count_compiles()
     try:
         done = engine.generate(PROMPTS, [Sampling(max_tokens=n) for n in MAX_TOKENS])
@@ -103,9 +108,10 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(engine):
     longs[1].cancel()
     engine.step()
     assert longs[1].finish_reason == "cancelled" and len(engine.waiting) == 0
+    assert fifth.tokens  # admitted and prefilled in the step that freed the slot
+    assert not any(r.done.is_set() for r in (longs[0], longs[2], longs[3]))
     while not fifth.done.is_set():
         engine.step()
-    assert not any(r.done.is_set() for r in (longs[0], longs[2], longs[3]))
     for r in longs:
         r.cancel()
     engine.step()

@@ -256,14 +256,21 @@ class ServeConfig:
     max_batch: int = 8
     max_len: Optional[int] = None
     max_queue: int = 64  # requests waiting for a slot; one more is answered 429
+    # decode steps per call of the device (tokens stream in bursts of this many; new
+    # requests join between calls): fewer host round trips per token
+    decode_steps: int = 4
+    prefill_rows: Optional[int] = None  # requests prefilled at once (null: batch ways)
     drain_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
     model_name: Optional[str] = None  # the id clients ask for; None: --checkpoint as given
 
     def check(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 0 or self.drain_s < 0:
-            raise ConfigError(f"serve.max_batch={self.max_batch}, serve.max_queue="
-                              f"{self.max_queue}, serve.drain_s={self.drain_s}: max_batch "
-                              "must be at least 1, the others at least 0")
+        if (self.max_batch < 1 or self.decode_steps < 1 or (self.prefill_rows or 1) < 1
+                or self.max_queue < 0 or self.drain_s < 0):
+            raise ConfigError(f"serve.max_batch={self.max_batch}, serve.decode_steps="
+                              f"{self.decode_steps}, serve.prefill_rows={self.prefill_rows}, "
+                              f"serve.max_queue={self.max_queue}, serve.drain_s="
+                              f"{self.drain_s}: the first three must be at least 1, the "
+                              "others at least 0")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"serve.max_len must be at least 2, got {self.max_len}")
 

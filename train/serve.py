@@ -94,7 +94,8 @@ def start_engine(cfg, args, state: State) -> Engine:
     s = cfg.serve
     engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=tok.eos_id,
                     vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
-                    max_batch=s.max_batch, max_len=s.max_len, max_queue=s.max_queue)
+                    max_batch=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
+                    decode_steps=s.decode_steps, prefill_rows=s.prefill_rows)
     state.ready(Service(engine, tok, template, model_name=state.model_name,
                         chat_stop_ids=chat_stop_ids(tok, template, loaded.artifact_dir),
                         metrics=state.metrics))

@@ -3,8 +3,8 @@
 Fields that change what is generated and that we do not implement (n > 1, logprobs,
 echo, penalties, tools, ...) are refused with a 400 naming them rather than ignored;
 fields that change nothing here (user, metadata, store, ...) and unknown ones are
-ignored, as vLLM ignores them. `top_k` is accepted beside OpenAI's fields (vLLM's
-extension, sent with the client's `extra_body`).
+ignored, as vLLM ignores them. `top_k` and `ignore_eos` are accepted beside OpenAI's
+fields (vLLM's extensions, sent with the client's `extra_body`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class _Common(pydantic.BaseModel):
     top_k: int = pydantic.Field(0, ge=-1)  # -1 or 0: no cut
     seed: Optional[int] = pydantic.Field(None, ge=0, lt=MAX_SEED)
     stop: Union[str, list[str], None] = None
+    ignore_eos: bool = False  # exactly max_tokens tokens (benchmarks)
     n: int = 1
     logprobs: Any = None
     presence_penalty: float = 0.0

@@ -11,10 +11,12 @@ its token limit, a cancel) frees its slot at once. Each request samples with its
 settings and seed: token i of a request is drawn with key fold_in(key(seed), i), so what
 it gets does not depend on what else is in the batch.
 
-Three programs of fixed shapes, compiled when the engine is built (prefill a chunk, copy
-a row, decode a step): serving never compiles again.
+Programs of fixed shapes, compiled when the engine is built (prefill a chunk, one per
+chunk length bucket; copy a row; decode `decode_steps` steps): serving never compiles
+again.
 
-Shapes: B decode slots, P prefill rows, C chunk, S cache slots, V vocab.
+Shapes: B decode slots, P prefill rows, C chunk, S cache slots, K decode steps per
+call, V vocab.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ from train.inference.generate import inference_params
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """One request's settings: at most `max_tokens` new tokens; temperature 0 is greedy,
-    else top-k (0: all) and top-p cut the tempered distribution; `seed` fixes the draws."""
+    """One request's settings: at most `max_tokens` new tokens (exactly that many with
+    `ignore_eos`, for benchmarks); temperature 0 is greedy, else top-k (0: all) and
+    top-p cut the tempered distribution; `seed` fixes the draws."""
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False
 
     def check(self) -> None:
         if self.max_tokens < 1:
@@ -97,7 +101,8 @@ class Engine:
 
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
                  max_batch: int = 8, max_len: int | None = None, chunk: int | None = None,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, decode_steps: int = 1,
+                 prefill_rows: int | None = None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
@@ -110,16 +115,28 @@ class Engine:
         ways = sharding.batch_ways(mesh, rules)
         self.max_len, self.max_queue = max_len, max_queue
         self.B = -(-max_batch // ways) * ways  # whole rows per batch shard
-        self.P = ways
+        self.P = -(-(prefill_rows or ways) // ways) * ways
+        self.K = decode_steps
         self.C = min(chunk or cfg.attention_block, max_len)
-        self.S = -(-max_len // self.C) * self.C  # chunks start at multiples of C and fit
+        # prefill chunk lengths: C, C/2, C/4, ... down to 8 tokens (or C); a step
+        # prefills its rows by the shortest that holds what the longest of them has left
+        self.buckets = sorted({self.C} | {self.C >> k for k in range(1, 32)
+                                          if self.C >> k >= 8})
+        self.S = max_len
+        # the prefill rows' cache has room for a last chunk that runs past the prompt
+        self.S_prefill = max_len + self.C
         self.waiting: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        # decode slots: the request, the next cache slot to write, the token to feed
+        # decode slots: the request, the next cache slot to write, the token to feed, the
+        # draws so far, its sampling settings; kept on the device between decode calls
+        # and uploaded again only when a slot gets a new request
         self.slot_req: list[Request | None] = [None] * self.B
         self.slot_pos = np.zeros(self.B, np.int32)
         self.slot_last = np.zeros(self.B, np.int32)
+        self.slot_count = np.zeros(self.B, np.int32)
+        self.slot_settings = np.zeros((4, self.B), np.float64)  # seed, temp, top_k, top_p
+        self._slots_on_device = None  # (last, pos, count, seeds, temps, top_k, top_p)
         # prefill rows: the request, its prompt tokens prefilled so far, its reserved slot
         self.row_req: list[Request | None] = [None] * self.P
         self.row_done = np.zeros(self.P, np.int32)
@@ -132,8 +149,11 @@ class Engine:
         real_V = jnp.arange(logits_BV.shape[-1]) < self.vocab_limit
         keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
             seeds_B, counts_B)
-        return sample_rows(jnp.where(real_V, logits_BV, NEG), keys_B, temps_B, top_k_B,
-                           top_p_B)
+        logits_BV = jnp.where(real_V, logits_BV, NEG)
+        return jax.lax.cond(  # all greedy (the common case): no sorting for top-k/top-p
+            jnp.all(temps_B == 0),
+            lambda: jnp.argmax(logits_BV.astype(jnp.float32), axis=-1).astype(jnp.int32),
+            lambda: sample_rows(logits_BV, keys_B, temps_B, top_k_B, top_p_B))
 
     def _replicated(self, x):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
@@ -150,31 +170,45 @@ class Engine:
                              top_p_P)
         return self._replicated(first_P), cache
 
-    def _decode(self, params, cache, tokens_B, pos_B, seeds_B, counts_B, temps_B, top_k_B,
+    def _decode(self, params, cache, tokens_B, pos_B, counts_B, seeds_B, temps_B, top_k_B,
                 top_p_B):
+        """K decode steps, each feeding the token it picks to the next: tokens_KB, and
+        the slots' state after them."""
         model = nnx.merge(self.graphdef, params)
-        logits_BV, cache = model.extend(tokens_B[:, None], cache.at(pos_B))
-        next_B = self._pick(logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B)
-        return self._replicated(next_B), cache
+
+        def step(carry, _):
+            cache, tokens_B, pos_B, counts_B = carry
+            logits_BV, cache = model.extend(tokens_B[:, None], cache.at(pos_B))
+            next_B = self._pick(logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B)
+            return (cache, next_B, pos_B + 1, counts_B + 1), next_B
+
+        (cache, tokens_B, pos_B, counts_B), tokens_KB = jax.lax.scan(
+            step, (cache, tokens_B, pos_B, counts_B), None, length=self.K)
+        return tokens_KB, cache, tokens_B, pos_B, counts_B
 
     def _compile(self, model) -> None:
         """The three programs, compiled now for their only shapes."""
-        def empty(rows):  # a slot index per row, as the programs leave it
-            return jax.jit(lambda: model.init_cache(rows, self.S).at(
+        def empty(rows, length):  # a slot index per row, as the programs leave it
+            return jax.jit(lambda: model.init_cache(rows, length).at(
                 jnp.zeros(rows, jnp.int32)))()
-        self.cache, self.prefill_cache = empty(self.B), empty(self.P)
+        self.cache, self.prefill_cache = empty(self.B, self.S), empty(self.P, self.S_prefill)
         i32, f32 = np.int32, np.float32
-        P, B, C = self.P, self.B, self.C
-        self._prefill_fn = jax.jit(self._prefill, donate_argnums=(1,)).lower(
+        P, B = self.P, self.B
+        prefill = jax.jit(self._prefill, donate_argnums=(1,))
+        self._prefill_fns = {C: prefill.lower(
             self.params, self.prefill_cache, self._global(np.zeros((P, C), i32)),
             *(self._global(np.zeros(P, t)) for t in (i32, i32, i32, f32, i32, f32))).compile()
-        self._decode_fn = jax.jit(self._decode, donate_argnums=(1,)).lower(
+            for C in self.buckets}
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
+        self._decode_fn = jax.jit(  # outputs laid out as the inputs they become next
+            self._decode, donate_argnums=(1, 2, 3, 4),
+            out_shardings=(rep, cache_shardings, rep, rep, rep)).lower(
             self.params, self.cache,
             *(self._global(np.zeros(B, t)) for t in (i32, i32, i32, i32, f32, i32, f32))
         ).compile()
         self._copy_fn = jax.jit(
-            copy_row, donate_argnums=(0,),
-            out_shardings=jax.tree.map(lambda x: x.sharding, self.cache)).lower(
+            copy_row, donate_argnums=(0,), out_shardings=cache_shardings).lower(
             self.cache, self._global(np.int32(0)), self.prefill_cache,
             self._global(np.int32(0))).compile()
 
@@ -288,7 +322,10 @@ class Engine:
             self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, free.pop(0)
 
     def _prefill_step(self) -> None:
-        P, C = self.P, self.C
+        P = self.P
+        left = max(len(r.prompt) - self.row_done[i] for i, r in enumerate(self.row_req)
+                   if r is not None)
+        C = next((c for c in self.buckets if c >= left), self.C)
         tokens = np.zeros((P, C), np.int32)
         last = np.zeros(P, np.int32)
         settings = np.zeros((4, P), np.float64)  # seed, temperature, top_k, top_p
@@ -303,7 +340,7 @@ class Engine:
             settings[:, i] = (s.seed, s.temperature, s.top_k, s.top_p)
             if self.row_done[i] + len(piece) == len(r.prompt):
                 ends.append(i)
-        first, self.prefill_cache = self._prefill_fn(
+        first, self.prefill_cache = self._prefill_fns[C](
             self.params, self.prefill_cache, self._global(tokens), self._global(self.row_done),
             self._global(last), *self._settings(settings))
         first = np.asarray(first.addressable_data(0))
@@ -316,7 +353,10 @@ class Engine:
             self.cache = self._copy_fn(self.cache, self._global(np.int32(b)),
                                        self.prefill_cache, self._global(np.int32(i)))
             self.slot_req[b] = r
-            self.slot_pos[b], self.slot_last[b] = len(r.prompt), first[i]
+            self.slot_pos[b], self.slot_last[b], self.slot_count[b] = len(r.prompt), first[i], 1
+            s = r.sampling
+            self.slot_settings[:, b] = (s.seed, s.temperature, s.top_k, s.top_p)
+            self._slots_on_device = None
             self._take(b, int(first[i]))
 
     def _settings(self, settings: np.ndarray):
@@ -325,30 +365,28 @@ class Engine:
                 self._global(top_k.astype(np.int32)), self._global(top_p.astype(np.float32)))
 
     def _decode_step(self) -> None:
-        B = self.B
-        settings = np.zeros((4, B), np.float64)
-        counts = np.zeros(B, np.int32)
-        pos = np.zeros(B, np.int32)
-        for b, r in enumerate(self.slot_req):
-            if r is not None:
-                s = r.sampling
-                settings[:, b] = (s.seed, s.temperature, s.top_k, s.top_p)
-                counts[b], pos[b] = len(r.tokens), self.slot_pos[b]
-        seeds, temps, top_k, top_p = self._settings(settings)
-        nxt, self.cache = self._decode_fn(
-            self.params, self.cache, self._global(self.slot_last), self._global(pos), seeds,
-            self._global(counts), temps, top_k, top_p)
-        nxt = np.asarray(nxt.addressable_data(0))
-        for b, r in enumerate(self.slot_req):
-            if r is not None:
-                self.slot_pos[b] += 1
-                self.slot_last[b] = nxt[b]
-                self._take(b, int(nxt[b]))
+        if self._slots_on_device is None:  # a slot has a new request: upload the slots
+            seeds, temps, top_k, top_p = self._settings(self.slot_settings)
+            self._slots_on_device = (self._global(self.slot_last), self._global(self.slot_pos),
+                                     self._global(self.slot_count), seeds, temps, top_k, top_p)
+        last, pos, count, *settings = self._slots_on_device
+        tokens_KB, self.cache, last, pos, count = self._decode_fn(
+            self.params, self.cache, last, pos, count, *settings)
+        self._slots_on_device = (last, pos, count, *settings)
+        tokens_KB = np.asarray(tokens_KB.addressable_data(0))
+        self.slot_last = tokens_KB[-1].copy()
+        self.slot_pos += self.K
+        self.slot_count += self.K
+        for b in range(self.B):
+            for token in tokens_KB[:, b]:
+                if self.slot_req[b] is None:
+                    break
+                self._take(b, int(token))
 
     def _take(self, b: int, token: int) -> None:
         """Slot b's request got `token`: pass it on, or end the request and free the slot."""
         r = self.slot_req[b]
-        if token == self.eos_id or token in r.stop_ids:
+        if (token == self.eos_id and not r.sampling.ignore_eos) or token in r.stop_ids:
             self.slot_req[b] = None
             r._finish("stop")
             return

@@ -177,7 +177,8 @@ class Results:
 def sampling_of(body, max_tokens: int) -> Sampling:
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     return Sampling(max_tokens=max_tokens, temperature=body.temperature,
-                    top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed)
+                    top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
+                    ignore_eos=body.ignore_eos)
 
 
 def completion_prompts(service: Service, prompt) -> list[list[int]]:
