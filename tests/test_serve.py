@@ -42,9 +42,9 @@ def chat_text(user: str) -> str:
 class Server:
     """`python -m train.serve` in a subprocess, its output collected by a thread."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "train.serve", "--port", "0",
-                                      *args], cwd=REPO, env=cli_env(), text=True,
+                                      *args], cwd=REPO, env=env or cli_env(), text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -321,6 +321,45 @@ def test_start_up_errors_are_one_line(chat_run, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == code and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_two_processes_serve_as_one(server, chat_run):
+    """2 processes x 4 devices on the same 2x2x2 mesh (jax.distributed on 127.0.0.1):
+    process 0 serves HTTP and plans each step, process 1 follows; the answers are the
+    one-process server's; SIGTERM to process 0 ends both with exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def env(i):
+        return cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(i))
+    args = ["--checkpoint", str(chat_run[0]), *SERVE, "distributed.init_timeout_s=120"]
+    follower = subprocess.Popen([sys.executable, "-m", "train.serve", *args], cwd=REPO,
+                                env=env(1), text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+    try:
+        two = Server(*args, env=env(0))
+        requests = [dict(prompt=chat_text("kappa zeta")), dict(prompt="omega beta"),
+                    dict(prompt="alpha", temperature=1.0, seed=5, max_tokens=16)]
+
+        def answers(s):
+            client = s.client()
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                texts = list(pool.map(lambda kw: complete(client, **kw).choices[0].text,
+                                      requests))
+            chat = client.chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": "delta"}], temperature=0)
+            return texts + [chat.choices[0].message.content]
+        assert answers(two) == answers(server)
+        two.proc.send_signal(signal.SIGTERM)
+        assert two.proc.wait(60) == 0, two.output
+        assert follower.wait(60) == 0
+        assert "process 0 stopped the server" in follower.stdout.read()
+    finally:
+        for p in (follower, getattr(locals().get("two"), "proc", None)):
+            if p is not None and p.poll() is None:
+                p.kill()
 
 
 def test_sigterm_drains_the_requests_in_flight_and_exits_0(server):

@@ -10,6 +10,10 @@ The port is taken first (a port in use is an error before anything loads); until
 model is loaded and its programs compiled every route answers 503. SIGTERM or Ctrl-C:
 new requests get 503, those in flight get serve.drain_s seconds to finish and are then
 cancelled, and the process exits 0.
+
+Several processes (one per host, joined by jax.distributed as for training): process
+0 serves HTTP and plans each engine step, the others run the same steps
+(train/inference/lockstep.py) and exit when process 0 does.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from train.data.chat import load_template
 from train.errors import InputError
 from train.inference.engine import Engine
 from train.inference.load import find_tokenizer, load
+from train.inference.lockstep import Peers
 from train.inference.server import Service, State, make_app
 
 log = logging.getLogger("train")
@@ -65,12 +70,17 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(cfg, args) -> None:
+    import jax
+    if jax.process_index() != 0:
+        return follow(cfg, args)
     import uvicorn
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     state = State(cfg.serve.model_name or args.checkpoint)
+    # log_config=None: uvicorn leaves logging as start-up set it (its own config would
+    # print the library's lines twice)
     server = uvicorn.Server(uvicorn.Config(make_app(state), log_level="warning",
-                                           timeout_graceful_shutdown=5))
+                                           log_config=None, timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                             name="http")
     http.start()
@@ -78,28 +88,49 @@ def serve(cfg, args) -> None:
     print(f"listening on {url} (503 until the model is ready)", flush=True)
     try:
         engine = start_engine(cfg, args, state)
+        devices = engine.mesh.size
         print(f"serving {state.model_name!r} on {url}/v1 ({engine.B} slots of "
-              f"{engine.max_len} tokens, {engine.mesh.size} devices)", flush=True)
+              f"{engine.max_len} tokens, {devices} device{'s' * (devices > 1)})", flush=True)
         run_until_signal(engine)
         drain(state, engine, cfg.serve.drain_s)
+        engine.stop_followers()
     finally:
         server.should_exit = True
         http.join(timeout=10)
 
 
-def start_engine(cfg, args, state: State) -> Engine:
+def build_engine(cfg, args):
+    """(the engine on the config's mesh, the tokenizer, the model's loaded form); every
+    process builds it (the load and the compiles are collective)."""
     loaded = load(args.checkpoint, cfg, args.overrides)
     tok = find_tokenizer(loaded, args.tokenizer)
-    template = load_template(tok.path) if getattr(tok, "kind", None) == "hf" else None
     s = cfg.serve
     engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=tok.eos_id,
                     vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
                     max_batch=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
-                    decode_steps=s.decode_steps, prefill_rows=s.prefill_rows)
+                    decode_steps=s.decode_steps, prefill_rows=s.prefill_rows,
+                    peers=Peers.of_this_run())
+    return engine, tok, loaded
+
+
+def start_engine(cfg, args, state: State) -> Engine:
+    engine, tok, loaded = build_engine(cfg, args)
+    template = load_template(tok.path) if getattr(tok, "kind", None) == "hf" else None
     state.ready(Service(engine, tok, template, model_name=state.model_name,
                         chat_stop_ids=chat_stop_ids(tok, template, loaded.artifact_dir),
                         metrics=state.metrics))
     return engine
+
+
+def follow(cfg, args) -> None:
+    """A process other than 0: the same engine, stepping as process 0 plans, until
+    process 0 stops (SIGTERM here is left to process 0, which drains first)."""
+    import jax
+    engine, _, _ = build_engine(cfg, args)
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: process 0 ends the server"))
+    print(f"process {jax.process_index()}: following process 0's engine steps", flush=True)
+    engine.follow()
+    print(f"process {jax.process_index()}: process 0 stopped the server", flush=True)
 
 
 def chat_stop_ids(tok, template, artifact_dir: str) -> frozenset[int]:

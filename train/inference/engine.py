@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 from typing import Callable
 
@@ -58,6 +59,15 @@ class Sampling:
             raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
 
 
+@dataclasses.dataclass
+class Plan:
+    """An engine step's changes, decided by process 0: requests cancelled (ids), and
+    (prefill row, decode slot, request) admitted; `stop`: the server is done."""
+    cancel: list = dataclasses.field(default_factory=list)
+    admit: list = dataclasses.field(default_factory=list)
+    stop: bool = False
+
+
 class QueueFull(Exception):
     """submit() while max_queue requests are waiting already."""
 
@@ -75,6 +85,7 @@ class Request:
         self.prompt, self.sampling = list(prompt), sampling
         self.on_token, self.on_finish = on_token, on_finish
         self.stop_ids = frozenset(stop_ids)
+        self.id = -1  # set by Engine.submit (process 0's numbering)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.done = threading.Event()
@@ -102,7 +113,7 @@ class Engine:
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
                  max_batch: int = 8, max_len: int | None = None, chunk: int | None = None,
                  max_queue: int | None = None, decode_steps: int = 1,
-                 prefill_rows: int | None = None):
+                 prefill_rows: int | None = None, peers=None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
@@ -126,6 +137,8 @@ class Engine:
         # the prefill rows' cache has room for a last chunk that runs past the prompt
         self.S_prefill = max_len + self.C
         self.waiting: collections.deque[Request] = collections.deque()
+        self.peers = peers  # lockstep.Peers with several processes, else None
+        self._ids = itertools.count()
         self.lock = threading.Lock()
         self.wake = threading.Event()
         # decode slots: the request, the next cache slot to write, the token to feed, the
@@ -235,6 +248,7 @@ class Engine:
             if self.max_queue is not None and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue="
                                 f"{self.max_queue}); retry later")
+            request.id = next(self._ids)
             self.waiting.append(request)
         self.wake.set()
         return request
@@ -257,18 +271,25 @@ class Engine:
 
     def step(self) -> bool:
         """One engine step: drop cancelled requests, admit waiting ones, prefill one chunk
-        of each prefilling request, decode one token of each decoding one. False: there
-        was nothing to do."""
-        self._drop_cancelled()
-        self._admit()
-        worked = False
-        if any(r is not None for r in self.row_req):
-            self._prefill_step()
-            worked = True
-        if any(r is not None for r in self.slot_req):
-            self._decode_step()
-            worked = True
-        return worked
+        of each prefilling request, decode `decode_steps` tokens of each decoding one.
+        False: there was nothing to do. With several processes (process 0 calls it), the
+        step's plan (cancels, admissions) goes to the others first (`follow`)."""
+        plan = self._plan()
+        if self.peers is not None:
+            if not plan.cancel and not plan.admit and not self.slots_busy:
+                return False  # idle: nothing to tell the others
+            self.peers.send(plan)
+        return self._advance(plan)
+
+    def follow(self) -> None:
+        """A process other than 0: run process 0's steps, plan by plan, until it stops."""
+        while (plan := self.peers.receive()) is None or not plan.stop:
+            if plan is not None:
+                self._advance(plan)
+
+    def stop_followers(self) -> None:
+        if self.peers is not None:
+            self.peers.send(Plan(stop=True))
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set (the server's engine thread)."""
@@ -293,33 +314,48 @@ class Engine:
         for r in requests + [r for r in self.row_req + self.slot_req if r is not None]:
             r.cancel()
 
-    def _drop_cancelled(self) -> None:
+    def _plan(self) -> Plan:
+        """What this step changes: the prefilling and decoding requests cancelled, and
+        the waiting ones that take a prefill row (and the slot it fills)."""
         with self.lock:
-            kept = [r for r in self.waiting if not r._cancel]
             dropped = [r for r in self.waiting if r._cancel]
-            self.waiting = collections.deque(kept)
+            self.waiting = collections.deque(r for r in self.waiting if not r._cancel)
         for r in dropped:
             r._finish("cancelled")
-        for i, r in enumerate(self.row_req):
-            if r is not None and r._cancel:
-                self.row_req[i] = None
-                r._finish("cancelled")
-        for b, r in enumerate(self.slot_req):
-            if r is not None and r._cancel:
-                self.slot_req[b] = None
-                r._finish("cancelled")
-
-    def _admit(self) -> None:
-        reserved = {int(self.row_slot[i]) for i, r in enumerate(self.row_req) if r is not None}
-        free = [b for b, r in enumerate(self.slot_req) if r is None and b not in reserved]
+        cancel = [r.id for r in self.row_req + self.slot_req if r is not None and r._cancel]
+        live_rows = [i for i, r in enumerate(self.row_req) if r is not None and not r._cancel]
+        reserved = {int(self.row_slot[i]) for i in live_rows}
+        free = [b for b, r in enumerate(self.slot_req)
+                if (r is None or r._cancel) and b not in reserved]
+        admit = []
         for i in range(self.P):
-            if self.row_req[i] is not None or not free:
+            if i in live_rows or not free:
                 continue
             with self.lock:
                 if not self.waiting:
-                    return
+                    break
                 request = self.waiting.popleft()
-            self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, free.pop(0)
+            admit.append((i, free.pop(0), request))
+        return Plan(cancel, admit)
+
+    def _advance(self, plan: Plan) -> bool:
+        """Apply the plan, then prefill and decode (every process, in step)."""
+        gone = set(plan.cancel)
+        for requests in (self.row_req, self.slot_req):
+            for k, r in enumerate(requests):
+                if r is not None and r.id in gone:
+                    requests[k] = None
+                    r._finish("cancelled")
+        for i, b, request in plan.admit:
+            self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, b
+        worked = False
+        if any(r is not None for r in self.row_req):
+            self._prefill_step()
+            worked = True
+        if any(r is not None for r in self.slot_req):
+            self._decode_step()
+            worked = True
+        return worked
 
     def _prefill_step(self) -> None:
         P = self.P
