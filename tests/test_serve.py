@@ -23,6 +23,8 @@ from types import SimpleNamespace
 import pytest
 from test_inference_cli import continuations
 
+from train.errors import CheckpointError
+
 from helpers import REPO, cli_env, run_cli
 
 openai = pytest.importorskip("openai")
@@ -301,6 +303,28 @@ def test_chat_without_a_template_and_routes_while_starting():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_hugging_face_directory_is_read_as_model_init_from_reads_it(hf_llama_dir, devices):
+    """`--checkpoint hf:DIR` (inference.load): the directory's shapes and tokenizer, the
+    user's mesh and compute dtype, transformers' logits within 1e-4."""
+    import numpy as np
+
+    from train.config import load_config
+    from train.inference.load import find_tokenizer, load
+
+    from helpers import torch_logits
+    root, ref = hf_llama_dir
+    overrides = [*MESH8, "model.dtype=float32"]
+    loaded = load(f"hf:{root}", load_config("configs/tiny.yaml", overrides), overrides)
+    assert (loaded.cfg.model.num_layers, loaded.cfg.model.d_model) == (2, 64)  # not tiny's
+    assert loaded.mesh.shape == {"data": 2, "fsdp": 2, "context": 1, "expert": 1, "model": 2}
+    assert find_tokenizer(loaded).path == f"{root}/tokenizer.json"
+    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, (4, 24))
+    ours = np.asarray(loaded.model(ids))[..., :ref.config.vocab_size]
+    np.testing.assert_allclose(ours, torch_logits(ref, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(CheckpointError, match="config.json does not exist"):
+        load(f"hf:{root}/nothing", load_config("configs/tiny.yaml"))
 
 
 @pytest.mark.parametrize("case", ["missing", "max_len", "port"])
