@@ -62,7 +62,7 @@ class Sampling:
 @dataclasses.dataclass
 class Plan:
     """An engine step's changes, decided by process 0: requests cancelled (ids), and
-    (prefill row, decode slot, request) admitted; `stop`: the server is done."""
+    (decode slot, request) admitted; `stop`: the server is done."""
     cancel: list = dataclasses.field(default_factory=list)
     admit: list = dataclasses.field(default_factory=list)
     stop: bool = False
@@ -152,6 +152,8 @@ class Engine:
         self._slots_on_device = None  # (last, pos, count, seeds, temps, top_k, top_p)
         # prefill rows: the request, its prompt tokens prefilled so far, its reserved slot
         self.row_req: list[Request | None] = [None] * self.P
+        # admitted requests (each with its decode slot) waiting for a prefill row
+        self.pending: collections.deque[tuple[Request, int]] = collections.deque()
         self.row_done = np.zeros(self.P, np.int32)
         self.row_slot = np.zeros(self.P, np.int32)
         self._compile(model)
@@ -262,7 +264,7 @@ class Engine:
     def slots_busy(self) -> int:
         """Decode slots held (prefilling or decoding)."""
         return (sum(r is not None for r in self.slot_req)
-                + sum(r is not None for r in self.row_req))
+                + sum(r is not None for r in self.row_req) + len(self.pending))
 
     @property
     def busy(self) -> int:
@@ -311,8 +313,12 @@ class Engine:
         """Cancel every request waiting, prefilling or decoding (thread-safe)."""
         with self.lock:
             requests = list(self.waiting)
-        for r in requests + [r for r in self.row_req + self.slot_req if r is not None]:
+        for r in requests + [r for r in self._held() if r is not None]:
             r.cancel()
+
+    def _held(self) -> list[Request | None]:
+        """The requests that hold a slot: pending, prefilling, decoding."""
+        return [r for r, _ in self.pending] + self.row_req + self.slot_req
 
     def _plan(self) -> Plan:
         """What this step changes: the prefilling and decoding requests cancelled, and
@@ -322,42 +328,51 @@ class Engine:
             self.waiting = collections.deque(r for r in self.waiting if not r._cancel)
         for r in dropped:
             r._finish("cancelled")
-        cancel = [r.id for r in self.row_req + self.slot_req if r is not None and r._cancel]
-        live_rows = [i for i, r in enumerate(self.row_req) if r is not None and not r._cancel]
-        reserved = {int(self.row_slot[i]) for i in live_rows}
-        free = [b for b, r in enumerate(self.slot_req)
-                if (r is None or r._cancel) and b not in reserved]
+        cancel = [r.id for r in self._held() if r is not None and r._cancel]
+        held = ({b for b, r in enumerate(self.slot_req) if r is not None and not r._cancel}
+                | {int(self.row_slot[i]) for i, r in enumerate(self.row_req)
+                   if r is not None and not r._cancel}
+                | {b for r, b in self.pending if not r._cancel})
+        free = [b for b in range(self.B) if b not in held]
         admit = []
-        for i in range(self.P):
-            if i in live_rows or not free:
-                continue
-            with self.lock:
-                if not self.waiting:
-                    break
-                request = self.waiting.popleft()
-            admit.append((i, free.pop(0), request))
+        with self.lock:
+            while free and self.waiting:
+                admit.append((free.pop(0), self.waiting.popleft()))
         return Plan(cancel, admit)
 
     def _advance(self, plan: Plan) -> bool:
-        """Apply the plan, then prefill and decode (every process, in step)."""
+        """Apply the plan, then prefill and decode (every process, in step). Prefill
+        runs call after call, rows refilled from the pending requests, until a full
+        call's worth of tokens (P x C) is spent: many short prompts join at once, a long
+        one takes a chunk per step."""
         gone = set(plan.cancel)
         for requests in (self.row_req, self.slot_req):
             for k, r in enumerate(requests):
                 if r is not None and r.id in gone:
                     requests[k] = None
                     r._finish("cancelled")
-        for i, b, request in plan.admit:
-            self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, b
-        worked = False
-        if any(r is not None for r in self.row_req):
-            self._prefill_step()
+        for r, _ in [p for p in self.pending if p[0].id in gone]:
+            r._finish("cancelled")
+        self.pending = collections.deque(p for p in self.pending if p[0].id not in gone)
+        self.pending.extend((request, b) for b, request in plan.admit)
+        worked, spent = False, 0
+        while spent < self.P * self.C:
+            for i in range(self.P):
+                if self.row_req[i] is None and self.pending:
+                    request, b = self.pending.popleft()
+                    self.row_req[i], self.row_done[i], self.row_slot[i] = request, 0, b
+            if all(r is None for r in self.row_req):
+                break
+            spent += self._prefill_step()
             worked = True
         if any(r is not None for r in self.slot_req):
             self._decode_step()
             worked = True
         return worked
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self) -> int:
+        """One chunk of each prefilling row; rows whose prompt ends move to their slot.
+        Returns the tokens the call computed (P x its chunk)."""
         P = self.P
         left = max(len(r.prompt) - self.row_done[i] for i, r in enumerate(self.row_req)
                    if r is not None)
@@ -394,6 +409,7 @@ class Engine:
             self.slot_settings[:, b] = (s.seed, s.temperature, s.top_k, s.top_p)
             self._slots_on_device = None
             self._take(b, int(first[i]))
+        return P * C
 
     def _settings(self, settings: np.ndarray):
         seeds, temps, top_k, top_p = settings

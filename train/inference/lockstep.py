@@ -52,14 +52,14 @@ class Peers:
 
 def encode(plan: Plan) -> dict:
     return {"cancel": plan.cancel, "stop": plan.stop,
-            "admit": [[i, b, r.id, r.prompt, dataclasses.astuple(r.sampling),
-                       sorted(r.stop_ids)] for i, b, r in plan.admit]}
+            "admit": [[b, r.id, r.prompt, dataclasses.astuple(r.sampling),
+                       sorted(r.stop_ids)] for b, r in plan.admit]}
 
 
 def decode(data: dict) -> Plan:
     admit = []
-    for i, b, rid, prompt, sampling, stop_ids in data["admit"]:
+    for b, rid, prompt, sampling, stop_ids in data["admit"]:
         request = Request(prompt, Sampling(*sampling), stop_ids=frozenset(stop_ids))
         request.id = rid
-        admit.append((i, b, request))
+        admit.append((b, request))
     return Plan(data["cancel"], admit, data["stop"])
