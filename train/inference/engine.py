@@ -321,18 +321,21 @@ class Engine:
         return [r for r, _ in self.pending] + self.row_req + self.slot_req
 
     def _plan(self) -> Plan:
-        """What this step changes: the prefilling and decoding requests cancelled, and
-        the waiting ones that take a prefill row (and the slot it fills)."""
+        """What this step changes: the requests holding a slot that are cancelled, and
+        the waiting ones that take a free slot (their prefill comes first)."""
         with self.lock:
             dropped = [r for r in self.waiting if r._cancel]
             self.waiting = collections.deque(r for r in self.waiting if not r._cancel)
         for r in dropped:
             r._finish("cancelled")
+        # one reading of the cancel flags (other threads set them): a slot is free here
+        # only if its request is in this plan's cancels
         cancel = [r.id for r in self._held() if r is not None and r._cancel]
-        held = ({b for b, r in enumerate(self.slot_req) if r is not None and not r._cancel}
+        kept = {r.id for r in self._held() if r is not None} - set(cancel)
+        held = ({b for b, r in enumerate(self.slot_req) if r is not None and r.id in kept}
                 | {int(self.row_slot[i]) for i, r in enumerate(self.row_req)
-                   if r is not None and not r._cancel}
-                | {b for r, b in self.pending if not r._cancel})
+                   if r is not None and r.id in kept}
+                | {b for r, b in self.pending if r.id in kept})
         free = [b for b in range(self.B) if b not in held]
         admit = []
         with self.lock:
