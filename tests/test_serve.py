@@ -282,7 +282,7 @@ def test_chat_without_a_template_and_routes_while_starting():
 
     from train.data.tokenizer import ByteTokenizer
     from train.inference.server import Service, State, make_app
-    from train.serve import bind
+    from train.inference.serving import bind
     state = State("bytes")
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(make_app(state), log_level="warning"))

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API over the continuous-batching engine (Starlette; uvicorn
-runs it, train/serve.py starts both).
+runs it, train/inference/serving.py starts both).
 
 Routes: POST /v1/completions and /v1/chat/completions (`stream: true` answers with
 server-sent events in OpenAI's chunk format), GET /v1/models, /health, /metrics
@@ -77,8 +77,8 @@ class State:
 class Generation:
     """One prompt's request on the engine and its text so far."""
 
-    def __init__(self, index: int, request: Request, stream: TextStream):
-        self.index, self.request, self.stream = index, request, stream
+    def __init__(self, request: Request, stream: TextStream):
+        self.request, self.stream = request, stream
         self.count = 0  # new tokens received
         self.reason: str | None = None  # how it ended
         self.last: float | None = None  # when its latest token came
@@ -98,7 +98,7 @@ class Results:
             request = Request(ids, sampling, stop_ids=stop_ids,
                               on_token=lambda t, i=i: self._emit("token", i, t),
                               on_finish=lambda r, i=i: self._finished(i, r))
-            self.gens.append(Generation(i, request, TextStream(service.tok.decode, stops)))
+            self.gens.append(Generation(request, TextStream(service.tok.decode, stops)))
 
     def _emit(self, *event) -> None:  # on the engine's thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (*event, time.perf_counter()))
