@@ -78,7 +78,7 @@ def main() -> None:
     ckpts.wait()
     total_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    arrays, _ = ckpts.restore(1, p.state_target())
+    arrays, _ = ckpts.restore(1, p.state_target(), p.cfg.optimizer.name)
     jax.block_until_ready(arrays)
     restore_s = time.perf_counter() - t0
     ckpts.close()

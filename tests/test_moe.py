@@ -365,7 +365,7 @@ def test_moe_checkpoint_restores_onto_another_expert_mesh(tmp_path, devices):
     mesh2, rules2, bs2, batches2 = on({"fsdp": 2, "expert": 2, "model": 2}, "fsdp_tp_ep")
     p2 = plan(cfg, mesh=mesh2, rules=rules2)
     step2 = jit_train_step(p2.shardings, {"inputs": bs2, "targets": bs2})
-    arrays, _ = Checkpoints(str(tmp_path / "ckpt")).restore(2, p2.state_target())
+    arrays, _ = Checkpoints(str(tmp_path / "ckpt")).restore(2, p2.state_target(), "adamw")
     state2 = p2.abstract.replace(**arrays)
     w = state2.params["moe_blocks"]["w_gate"].get_value()
     assert tuple(w.sharding.spec) == (None, "expert", "fsdp", "model")

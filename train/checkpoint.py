@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from train import storage
 from train.config import CheckpointConfig
-from train.errors import CheckpointError, PeerLost, SaveError, StorageError, exit_now
+from train.errors import CheckpointError, ConfigError, PeerLost, SaveError, StorageError, exit_now
 from train.plan import Plan, state_arrays
 from train.state import combine, init_state, split_trainable, state_with_params
 
@@ -193,15 +193,35 @@ class Checkpoints:
         return CheckpointError(f"{self._where(step)} cannot be read ({reason}); "
                                f"{self.fallback(step)}")
 
-    def restore(self, step: int, target: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-        """(state arrays laid out as `target`, meta) of checkpoint `step`."""
+    def restore(self, step: int, target: dict[str, Any], optimizer: str
+                ) -> tuple[dict[str, Any], dict]:
+        """(state arrays laid out as `target`, meta) of checkpoint `step`, written by a
+        run of the same optimizer.name as `optimizer` (else a ConfigError)."""
         self.check_params(step, target["params"])
+        self.check_optimizer(step, optimizer)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
         except Exception as e:
             raise self._unreadable(step, e) from None
         return out[STATE], out[META]
+
+    def check_optimizer(self, step: int, optimizer: str) -> None:
+        """A ConfigError unless checkpoint `step` holds `optimizer`'s state (its config's
+        optimizer.name; checkpoints from before the key are AdamW's)."""
+        saved = {}
+        try:
+            if (epath.Path(self.directory) / str(step) / CONFIG).exists():
+                saved = self.manager.restore(step, args=ocp.args.Composite(
+                    **{CONFIG: ocp.args.JsonRestore()}))[CONFIG] or {}
+        except Exception as e:
+            raise self._unreadable(step, e) from None
+        name = (saved.get("optimizer") or {}).get("name", "adamw")
+        if name != optimizer:
+            raise ConfigError(
+                f"{self._where(step)} holds the state of optimizer.name={name}, not "
+                f"{optimizer}: resume with optimizer.name={name}, or start a new "
+                f"output_dir from its weights (model.init_from={self.directory}/{step})")
 
     def restore_params(self, step: int, target_params: nnx.State) -> nnx.State:
         """Only the parameters of checkpoint `step` (no optimizer state)."""
@@ -260,7 +280,7 @@ def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
     cfg, target = plan.cfg, plan.state_target()
     if latest is not None:
         try:
-            arrays, meta = ckpts.restore(latest, target)
+            arrays, meta = ckpts.restore(latest, target, cfg.optimizer.name)
         except Mismatch as e:
             raise CheckpointError(
                 f"{ckpts.directory} holds a run of another model ({e.name} has shape "
@@ -270,7 +290,7 @@ def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
         return with_base(plan, arrays, initial_params), latest, meta.get("data")
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
-        arrays, meta = source.restore(step, target)
+        arrays, meta = source.restore(step, target, cfg.optimizer.name)
         log.info("resumed from step %d of %s", step, source.directory)
         return with_base(plan, arrays, initial_params), step, meta.get("data")
     if initial_params is not None:

@@ -21,6 +21,7 @@ import yaml
 from models.config import ModelConfig
 from sharding.mesh import MESH_AXES
 from train.errors import ConfigError
+from train.optimizer_config import OptimizerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -72,35 +73,6 @@ class ShardingConfig:
     # A preset name (dp, fsdp, tp, fsdp_tp, fsdp_ep, fsdp_tp_ep, fsdp_cp, fsdp_tp_cp) or
     # a mapping logical name -> mesh axes, optionally with `preset: NAME` to start from.
     rules: Union[str, dict] = "fsdp"
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    lr: float = 3e-3  # peak learning rate
-    warmup_steps: int = 20
-    decay_steps: Optional[int] = None  # None: train.steps
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    no_decay: list = dataclasses.field(default_factory=lambda: ["norm", "bias", "embedding"])
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
-
-    def check(self) -> None:
-        unknown = set(self.no_decay) - {"norm", "bias", "embedding"}
-        if unknown:
-            raise ConfigError(f"optimizer.no_decay has {sorted(unknown)}; allowed: norm, "
-                              "bias, embedding")
-        if self.lr < 0:
-            raise ConfigError(f"optimizer.lr={self.lr} is negative: the run would climb the "
-                              "loss; give a positive peak learning rate")
-        for key in ("warmup_steps", "eps", "weight_decay", "grad_clip", "min_lr_ratio"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("b1", "b2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"optimizer.{key}={getattr(self, key)} must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,18 @@
-"""Optax AdamW with linear warmup, cosine decay, global-norm clipping and a decay mask."""
+"""The optimizer (optimizer.name) and its learning-rate schedule (optimizer.schedule),
+with global-norm clipping first and decoupled weight decay under a mask."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from train.config import OptimizerConfig
+from train.matrices import adafactor_direction, matrix_dims, muon_matrices
+from train.optimizer_config import OptimizerConfig
+
+BLOCK_STACKS = ("blocks", "dense_blocks", "moe_blocks")
 
 
 def param_kind(name: str) -> str:
@@ -21,34 +26,105 @@ def param_kind(name: str) -> str:
     return "weight"
 
 
+def _keys(path) -> list[str]:
+    return [str(k.key) for k in path if hasattr(k, "key")]
+
+
+def _is_var(node: Any) -> bool:
+    return hasattr(node, "get_metadata")
+
+
 def decay_mask(params: Any, no_decay: list[str]) -> Any:
     """True where weight decay applies; same tree structure as `params`."""
-
-    def one(path, _):
-        return param_kind(str(path[-1].key)) not in no_decay
-
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: one([k for k in path if hasattr(k, "key")], leaf), params)
+        lambda path, leaf: param_kind(_keys(path)[-1]) not in no_decay, params)
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    decay_steps = cfg.decay_steps or total_steps
+def muon_labels(params: Any) -> Any:
+    """'muon' for the blocks' matrices, 'adamw' for the rest (embeddings, head, norms,
+    biases), as Muon's authors split them; a label per Variable."""
+
+    def one(path, var):
+        keys = _keys(path)
+        axes = var.get_metadata().get("logical_axes") if _is_var(var) else None
+        matrix = axes is not None and matrix_dims(axes) is not None
+        inside = keys[0] in BLOCK_STACKS and param_kind(keys[-1]) == "weight"
+        return "muon" if matrix and inside else "adamw"
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None
+                  ) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` (optimizer.lr) over warmup_steps, then cosine or
+    linear decay to peak * min_lr_ratio at decay_steps, constant, wsd (constant, then
+    linear decay over the last decay_fraction of decay_steps) or rsqrt
+    (peak * sqrt(warmup / step))."""
+    peak = cfg.lr if peak is None else peak
+    kind = cfg.schedule
+    decay_steps = (cfg.decay_steps or total_steps) if kind in ("cosine", "linear", "wsd") \
+        else total_steps
     warmup = min(cfg.warmup_steps, max(decay_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(decay_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(decay_steps, warmup + 1), end_value=peak * cfg.get("min_lr_ratio"))
+    if kind == "rsqrt":
+        def rsqrt(step):
+            step = jnp.asarray(step, jnp.float32)
+            ramp = peak * step / max(warmup, 1)
+            return jnp.where(step < warmup, ramp,
+                             peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, 1.0)))
+        return rsqrt
+    parts, bounds = [optax.linear_schedule(0.0, peak, max(warmup, 1))], [warmup]
+    if kind == "constant":
+        parts.append(optax.constant_schedule(peak))
+    else:
+        end = peak * cfg.get("min_lr_ratio")
+        start = warmup
+        if kind == "wsd":
+            start = max(warmup, decay_steps - round(cfg.get("decay_fraction") * decay_steps))
+            parts.append(optax.constant_schedule(peak))
+            bounds.append(start)
+        parts.append(optax.linear_schedule(peak, end, max(decay_steps - start, 1)))
+    return optax.join_schedules(parts, bounds)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(the optimizer, its schedule of optimizer.lr). The updates of every optimizer
+    subtract lr * weight_decay * param where the decay mask allows (decoupled)."""
     schedule = make_schedule(cfg, total_steps)
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay,
-                             mask=lambda params: decay_mask(params, list(cfg.no_decay))))
-    return optax.chain(*parts), schedule
+    mask = lambda params: decay_mask(params, list(cfg.no_decay))  # noqa: E731
+    get, name = cfg.get, cfg.name
+    if name == "adamw":
+        tx = optax.adamw(schedule, b1=get("b1"), b2=get("b2"), eps=get("eps"),
+                         weight_decay=cfg.weight_decay, mask=mask)
+    elif name == "lion":
+        tx = optax.lion(schedule, b1=get("b1"), b2=get("b2"),
+                        weight_decay=cfg.weight_decay, mask=mask)
+    elif name == "sgd":
+        tx = optax.chain(
+            optax.trace(get("momentum"), get("nesterov")) if get("momentum")
+            else optax.identity(),
+            optax.add_decayed_weights(cfg.weight_decay, mask),
+            optax.scale_by_learning_rate(schedule))
+    elif name == "adafactor":
+        tx = optax.chain(
+            adafactor_direction(get("eps")),
+            optax.ema(get("momentum"), debias=False) if get("momentum") else optax.identity(),
+            optax.add_decayed_weights(cfg.weight_decay, mask),
+            optax.scale_by_learning_rate(schedule))
+    else:  # muon: the blocks' matrices; AdamW for the rest
+        matrices = optax.chain(
+            muon_matrices(get("momentum"), get("nesterov"), get("ns_steps")),
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.scale_by_learning_rate(make_schedule(cfg, total_steps, get("muon_lr"))))
+        rest = optax.adamw(schedule, b1=get("b1"), b2=get("b2"), eps=get("eps"),
+                           weight_decay=cfg.weight_decay, mask=mask)
+        tx = optax.partition({"muon": matrices, "adamw": rest}, muon_labels)
+    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    return optax.chain(*clip, tx), schedule
 
 
-__all__ = ["make_optimizer", "make_schedule", "decay_mask", "param_kind"]
+__all__ = ["make_optimizer", "make_schedule", "decay_mask", "param_kind", "muon_labels"]
