@@ -132,6 +132,12 @@ class ActivationSharding:
         """How many ways the rules split `logical_name` over the mesh."""
         return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical_name))
 
+    def split_leading(self, x: jax.Array, mesh_axes: Sequence[str]) -> jax.Array:
+        """`x` with its first dimension split over `mesh_axes` and the rest whole on
+        each device (stacked matrices a device works on one by one)."""
+        spec = PartitionSpec(tuple(mesh_axes), *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
     def per_shard(self, fn: Callable, args: Sequence[jax.Array],
                   logical_axes: Sequence[Sequence[str | None]]) -> jax.Array:
         """fn on each device's shard of `args` (laid out by their logical axes; shard_map),

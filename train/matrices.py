@@ -75,8 +75,8 @@ def _as_matrices(x: jax.Array, d: Dims) -> tuple[jax.Array, Any]:
 def newton_schulz(m_NRC: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
     """Muon's quintic Newton-Schulz iteration (coefficients of Jordan et al., 2024) on
     each of N matrices, in fp32: an approximately orthogonal matrix with the same
-    singular vectors. The N matrices go one at a time (`lax.map`), so only one layer's
-    fp32 iterates are alive at once."""
+    singular vectors. One matrix at a time (`lax.map`), so only one layer's fp32
+    iterates are alive at once."""
     a, b, c = 3.4445, -4.7750, 2.0315
     wide = m_NRC.shape[1] <= m_NRC.shape[2]
 
@@ -92,11 +92,27 @@ def newton_schulz(m_NRC: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
     return jax.lax.map(one, m_NRC)
 
 
-def muon_matrices(momentum: float, nesterov: bool, ns_steps: int
+def _spread_axes(var: Any, constrain: Any, n: int) -> tuple[str, ...] | None:
+    """The mesh axes that split this weight, where its n stacked matrices divide over
+    them: each device then orthogonalises n / ways whole matrices, instead of every
+    matrix being multiplied piecewise across the devices (collectives at each of the
+    iteration's products). None without a mesh, or where n does not divide."""
+    if constrain is None or not _is_var(var):
+        return None
+    names = [a for a in var.get_metadata()["logical_axes"] if a is not None]
+    axes = tuple(dict.fromkeys(m for a in names for m in constrain.mesh_axes(a)))
+    ways = math.prod(constrain.mesh.shape[a] for a in axes)
+    return axes if ways > 1 and n % ways == 0 else None
+
+
+def muon_matrices(momentum: float, nesterov: bool, ns_steps: int, constrain: Any = None
                   ) -> optax.GradientTransformation:
     """Muon's direction for matrix weights (torch.optim.Muon's definition): momentum
     buffer B = momentum B + (1 - momentum) g, the Nesterov blend (1 - momentum) g +
-    momentum B (or B), orthogonalised per matrix, scaled by sqrt(max(1, cols / rows))."""
+    momentum B (or B), orthogonalised per matrix, scaled by sqrt(max(1, cols / rows)).
+    With `constrain` (the mesh and rules; sharding.ActivationSharding) a weight's
+    stacked matrices are moved whole onto the devices that hold its pieces (an
+    all-to-all each way) where their number divides."""
 
     def init(params):
         return jax.tree.map(jnp.zeros_like, params)
@@ -111,7 +127,18 @@ def muon_matrices(momentum: float, nesterov: bool, ns_steps: int
             d = _dims(var)
             m, back = _as_matrices(g, d)
             scale = math.sqrt(max(1.0, m.shape[2] / m.shape[1]))
-            out.append((scale * back(newton_schulz(m, ns_steps))).astype(g.dtype))
+            axes = _spread_axes(var, constrain, m.shape[0])
+            if axes is None:
+                o = newton_schulz(m, ns_steps)
+            else:  # (ways, N / ways, R, C): each device its own N / ways, one at a time
+                ways = math.prod(constrain.mesh.shape[a] for a in axes)
+                m = constrain.split_leading(m.reshape(ways, -1, *m.shape[1:]), axes)
+                o = jax.vmap(lambda part: newton_schulz(part, ns_steps))(m)
+                o = constrain.split_leading(o, axes).reshape(-1, *o.shape[2:])
+            o = back(o)
+            if axes is not None:  # back to the weight's own layout
+                o = constrain(o, var.get_metadata()["logical_axes"])
+            out.append((scale * o).astype(g.dtype))
         return jax.tree.unflatten(treedef, out), buf
 
     return optax.GradientTransformation(init, update)

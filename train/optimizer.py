@@ -90,10 +90,12 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = N
     return optax.join_schedules(parts, bounds)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, constrain: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(the optimizer, its schedule of optimizer.lr). The updates of every optimizer
-    subtract lr * weight_decay * param where the decay mask allows (decoupled)."""
+    subtract lr * weight_decay * param where the decay mask allows (decoupled).
+    `constrain` (sharding.ActivationSharding) lets Muon place whole matrices on the
+    devices; without it the same updates run wherever XLA puts them."""
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, list(cfg.no_decay))  # noqa: E731
     get, name = cfg.get, cfg.name
@@ -117,7 +119,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int
             optax.scale_by_learning_rate(schedule))
     else:  # muon: the blocks' matrices; AdamW for the rest
         matrices = optax.chain(
-            muon_matrices(get("momentum"), get("nesterov"), get("ns_steps")),
+            muon_matrices(get("momentum"), get("nesterov"), get("ns_steps"), constrain),
             optax.add_decayed_weights(cfg.weight_decay),
             optax.scale_by_learning_rate(make_schedule(cfg, total_steps, get("muon_lr"))))
         rest = optax.adamw(schedule, b1=get("b1"), b2=get("b2"), eps=get("eps"),

@@ -78,7 +78,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: sharding.rules.Rules
 def make_init(cfg: Config, mesh: Mesh, rules) -> Callable[[jax.Array], TrainState]:
     """init(key) -> TrainState; pure, so it can be eval_shape'd and jitted."""
     constrain = sharding.ActivationSharding.create(mesh, rules)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, constrain)
     lora = cfg.model.lora
     step_cfg = StepConfig(z_loss=cfg.train.z_loss, schedule=schedule, lora=lora.enabled,
                           dropout_seed=cfg.train.seed if lora.enabled and lora.dropout > 0
