@@ -27,11 +27,12 @@ def setup(cfg, shape, rules):
 
 
 @pytest.mark.parametrize("optimizer", [
-    [], ["optimizer.name=adafactor", "model.d_model=128", "model.mlp_dim=128"],
-    ["optimizer.name=muon"]], ids=["adamw", "adafactor", "muon"])
+    [], ["optimizer.name=adafactor", "model.d_model=128", "model.mlp_dim=128"]],
+    ids=["adamw", "adafactor"])
 def test_restore_onto_another_mesh_continues_with_same_loss(optimizer, tmp_path, devices):
-    """Parameters and optimizer state (AdamW's moments, Adafactor's factored ones at
-    widths where it factors, Muon's momentum) restore onto another mesh exactly."""
+    """Parameters and optimizer state (AdamW's moments; Adafactor's factored ones, at
+    widths where it factors, whose shapes are not the parameters') restore onto another
+    mesh exactly."""
     cfg = small_config("optimizer.warmup_steps=0", *optimizer)
     # train 2 steps on fsdp=8, save, take a 3rd step there
     mesh, rules, batches, bs = setup(cfg, (1, 8, 1), "fsdp")

@@ -15,6 +15,7 @@ reduced dimensions' axes dropped to size 1, unsharded).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -93,16 +94,23 @@ def newton_schulz(m_NRC: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
 
 
 def _spread_axes(var: Any, constrain: Any, n: int) -> tuple[str, ...] | None:
-    """The mesh axes that split this weight, where its n stacked matrices divide over
-    them: each device then orthogonalises n / ways whole matrices, instead of every
-    matrix being multiplied piecewise across the devices (collectives at each of the
-    iteration's products). None without a mesh, or where n does not divide."""
+    """Mesh axes to spread this weight's n stacked matrices over, whole: of the axes
+    that split the weight, the largest set whose ways divide n (each device then
+    orthogonalises n / ways matrices itself, instead of every matrix being multiplied
+    piecewise across the devices, with collectives at each of the iteration's
+    products). None without a mesh, or where no such set has more than one way."""
     if constrain is None or not _is_var(var):
         return None
     names = [a for a in var.get_metadata()["logical_axes"] if a is not None]
-    axes = tuple(dict.fromkeys(m for a in names for m in constrain.mesh_axes(a)))
-    ways = math.prod(constrain.mesh.shape[a] for a in axes)
-    return axes if ways > 1 and n % ways == 0 else None
+    axes = tuple(dict.fromkeys(m for a in names for m in constrain.mesh_axes(a)
+                               if constrain.mesh.shape[m] > 1))
+    best, best_ways = None, 1
+    for k in range(len(axes), 0, -1):
+        for subset in itertools.combinations(axes, k):
+            ways = math.prod(constrain.mesh.shape[a] for a in subset)
+            if ways > best_ways and n % ways == 0:
+                best, best_ways = subset, ways
+    return best
 
 
 def muon_matrices(momentum: float, nesterov: bool, ns_steps: int, constrain: Any = None
