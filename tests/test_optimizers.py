@@ -350,7 +350,8 @@ def test_muon_spreads_stacked_matrices_over_the_largest_set_of_axes_that_divides
         constrain = SimpleNamespace(mesh=SimpleNamespace(shape=mesh_shape),
                                     mesh_axes=lambda name: rules[name])
         var = nnx.Param(jnp.zeros((1,) * len(axes)), logical_axes=axes)
-        return _spread_axes(var, constrain, n)
+        spread = _spread_axes(var, constrain, n)
+        return None if spread is None else spread[0]
 
     w_up = ("layers", "embed", "mlp")
     assert spread({"fsdp": 2, "model": 2}, w_up, 4) == ("fsdp", "model")

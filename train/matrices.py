@@ -57,7 +57,8 @@ def _vars(tree: Any) -> list:
     return jax.tree.leaves(tree, is_leaf=_is_var)
 
 
-def _dims(var: Any) -> Dims | None:
+def weight_matrix(var: Any) -> Dims | None:
+    """matrix_dims of a Variable's logical axes (None for a bare array or a vector)."""
     axes = var.get_metadata().get("logical_axes") if _is_var(var) else None
     return None if axes is None else matrix_dims(axes)
 
@@ -93,12 +94,13 @@ def newton_schulz(m_NRC: jax.Array, steps: int, eps: float = 1e-7) -> jax.Array:
     return jax.lax.map(one, m_NRC)
 
 
-def _spread_axes(var: Any, constrain: Any, n: int) -> tuple[str, ...] | None:
+def _spread_axes(var: Any, constrain: Any, n: int) -> tuple[tuple[str, ...], int] | None:
     """Mesh axes to spread this weight's n stacked matrices over, whole: of the axes
     that split the weight, the largest set whose ways divide n (each device then
     orthogonalises n / ways matrices itself, instead of every matrix being multiplied
     piecewise across the devices, with collectives at each of the iteration's
-    products). None without a mesh, or where no such set has more than one way."""
+    products), and their ways. None without a mesh, or where no set has more than one
+    way."""
     if constrain is None or not _is_var(var):
         return None
     names = [a for a in var.get_metadata()["logical_axes"] if a is not None]
@@ -110,7 +112,7 @@ def _spread_axes(var: Any, constrain: Any, n: int) -> tuple[str, ...] | None:
             ways = math.prod(constrain.mesh.shape[a] for a in subset)
             if ways > best_ways and n % ways == 0:
                 best, best_ways = subset, ways
-    return best
+    return None if best is None else (best, best_ways)
 
 
 def muon_matrices(momentum: float, nesterov: bool, ns_steps: int, constrain: Any = None
@@ -132,20 +134,18 @@ def muon_matrices(momentum: float, nesterov: bool, ns_steps: int, constrain: Any
         leaves, treedef = jax.tree.flatten(blend)
         out = []
         for g, var in zip(leaves, _vars(params)):
-            d = _dims(var)
+            d = weight_matrix(var)
             m, back = _as_matrices(g, d)
             scale = math.sqrt(max(1.0, m.shape[2] / m.shape[1]))
-            axes = _spread_axes(var, constrain, m.shape[0])
-            if axes is None:
-                o = newton_schulz(m, ns_steps)
+            spread = _spread_axes(var, constrain, m.shape[0])
+            if spread is None:
+                o = back(newton_schulz(m, ns_steps))
             else:  # (ways, N / ways, R, C): each device its own N / ways, one at a time
-                ways = math.prod(constrain.mesh.shape[a] for a in axes)
+                axes, ways = spread
                 m = constrain.split_leading(m.reshape(ways, -1, *m.shape[1:]), axes)
                 o = jax.vmap(lambda part: newton_schulz(part, ns_steps))(m)
                 o = constrain.split_leading(o, axes).reshape(-1, *o.shape[2:])
-            o = back(o)
-            if axes is not None:  # back to the weight's own layout
-                o = constrain(o, var.get_metadata()["logical_axes"])
+                o = constrain(back(o), var.get_metadata()["logical_axes"])  # its own layout
             out.append((scale * o).astype(g.dtype))
         return jax.tree.unflatten(treedef, out), buf
 
@@ -176,7 +176,7 @@ def _reduced(var: Any, value: jax.Array, dropped: tuple[int, ...]) -> Any:
 
 
 def _factored(var: Any, min_dim: int) -> Dims | None:
-    d = _dims(var)
+    d = weight_matrix(var)
     if d is None:
         return None
     shape = var.get_value().shape if _is_var(var) else var.shape
@@ -250,5 +250,5 @@ def adafactor_direction(eps: float, min_dim: int = 128, clip: float = 1.0,
     return optax.GradientTransformation(init, update)
 
 
-__all__ = ["matrix_dims", "Dims", "newton_schulz", "muon_matrices",
+__all__ = ["matrix_dims", "weight_matrix", "Dims", "newton_schulz", "muon_matrices",
            "adafactor_direction"]

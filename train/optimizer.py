@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from train.matrices import adafactor_direction, matrix_dims, muon_matrices
+from train.matrices import adafactor_direction, muon_matrices, weight_matrix
 from train.optimizer_config import OptimizerConfig
 
 BLOCK_STACKS = ("blocks", "dense_blocks", "moe_blocks")
@@ -30,10 +31,6 @@ def _keys(path) -> list[str]:
     return [str(k.key) for k in path if hasattr(k, "key")]
 
 
-def _is_var(node: Any) -> bool:
-    return hasattr(node, "get_metadata")
-
-
 def decay_mask(params: Any, no_decay: list[str]) -> Any:
     """True where weight decay applies; same tree structure as `params`."""
     return jax.tree_util.tree_map_with_path(
@@ -46,12 +43,11 @@ def muon_labels(params: Any) -> Any:
 
     def one(path, var):
         keys = _keys(path)
-        axes = var.get_metadata().get("logical_axes") if _is_var(var) else None
-        matrix = axes is not None and matrix_dims(axes) is not None
         inside = keys[0] in BLOCK_STACKS and param_kind(keys[-1]) == "weight"
-        return "muon" if matrix and inside else "adamw"
+        return "muon" if inside and weight_matrix(var) is not None else "adamw"
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(
+        one, params, is_leaf=lambda node: isinstance(node, nnx.Variable))
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None
