@@ -272,7 +272,8 @@ def find_checkpoint(path: str, flag: str = "checkpoint.resume_from"
 def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
                 initial_params: Callable[[], Any] | None = None
                 ) -> tuple[Any, int, dict | None]:
-    """(state, first step, the checkpoint's data position or None): the run's own latest
+    """(state, first step, the checkpoint's metadata (its data position under "data",
+    DP-SGD's settings under "privacy") or None): the run's own latest
     checkpoint, else checkpoint.resume_from, else fresh: the parameters
     `initial_params()` reads (model.init_from, train/init_from.py) or a sharded init.
     Restores go straight into the plan's shardings, whatever mesh the checkpoint was
@@ -287,12 +288,12 @@ def start_state(plan: Plan, ckpts: Checkpoints, latest: int | None,
                 f"{e.saved} there and {e.model} in this config); choose another output_dir "
                 "for this one (or delete that run)") from None
         log.info("resumed from step %d (%s)", latest, ckpts.directory)
-        return with_base(plan, arrays, initial_params), latest, meta.get("data")
+        return with_base(plan, arrays, initial_params), latest, meta
     if cfg.checkpoint.resume_from:
         source, step = find_checkpoint(cfg.checkpoint.resume_from)
         arrays, meta = source.restore(step, target, cfg.optimizer.name)
         log.info("resumed from step %d of %s", step, source.directory)
-        return with_base(plan, arrays, initial_params), step, meta.get("data")
+        return with_base(plan, arrays, initial_params), step, meta
     if initial_params is not None:
         return state_with_params(plan.init, plan.shardings, cfg.train.seed,
                                  initial_params()), 0, None

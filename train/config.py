@@ -22,6 +22,7 @@ from models.config import ModelConfig
 from sharding.mesh import MESH_AXES
 from train.errors import ConfigError
 from train.optimizer_config import OptimizerConfig
+from train.privacy_config import PrivacyConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -258,6 +259,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -553,8 +555,8 @@ def validate(cfg: Config) -> None:
         cfg.model.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.dpo, cfg.data, cfg.eval, cfg.checkpoint,
-                    cfg.distributed, cfg.metrics, cfg.profile, cfg.serve):
+    for section in (cfg.mesh, cfg.optimizer, cfg.train, cfg.dpo, cfg.privacy, cfg.data,
+                    cfg.eval, cfg.checkpoint, cfg.distributed, cfg.metrics, cfg.profile, cfg.serve):
         section.check()
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len="
@@ -566,7 +568,32 @@ def validate(cfg: Config) -> None:
     if cfg.train.objective == "dpo" and cfg.data.path is None:
         raise ConfigError("train.objective=dpo trains on preference pairs: set data.path to "
                           "rows of prompt, chosen and rejected")
+    check_privacy(cfg)
     _not_s3("output_dir", cfg.output_dir)
+
+
+def check_privacy(cfg: Config) -> None:
+    """DP-SGD's accounting covers Poisson-sampled sequences of a prepared data set, each
+    with a loss of its own: a ConfigError for anything else."""
+    p = cfg.privacy
+    if not p.dp_sgd:
+        return
+    if cfg.data.path is None:
+        raise ConfigError("privacy.dp_sgd=true samples the sequences of a prepared data set "
+                          "(Poisson sampling, what the accountant assumes), not the embedded "
+                          f"{cfg.data.source} data: set data.path")
+    if cfg.train.objective != "lm":
+        raise ConfigError("privacy.dp_sgd=true needs train.objective=lm: a DPO pair's loss "
+                          "depends on its reference log-probs and partner, which per-sequence "
+                          "accounting does not cover")
+    if cfg.model.moe.enabled:
+        raise ConfigError("privacy.dp_sgd=true cannot train a mixture of experts: its "
+                          "load-balancing loss and expert capacity couple the sequences of a "
+                          "batch; use a dense model (model.moe.enabled=false)")
+    if p.expected_batch_size is not None and p.expected_batch_size > cfg.train.batch_size:
+        raise ConfigError(f"privacy.expected_batch_size={p.expected_batch_size:g} exceeds "
+                          f"train.batch_size={cfg.train.batch_size}, the padded batch a step "
+                          "holds; raise train.batch_size well above it (mean + 5 x sqrt(mean))")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import sharding
 from sharding import distributed
-from train import init_from, startup, storage
+from train import init_from, privacy, startup, storage
 from train.checkpoint import Checkpoints, start_state
 from train.config import Config, to_dict
 from train.data.batches import make_batches, tokens_per_step
@@ -134,9 +134,15 @@ def run(cfg: Config) -> list[dict]:
     # embedded corpus; the tokenizer settles the vocabulary size.
     cfg, data_path = resolve_data(cfg)
 
+    # DP-SGD: the sampling rate, noise and clip norm, resolved against the train split's
+    # sequences (a target epsilon sets the noise).
+    dp = privacy.for_run(cfg, data_path)
+    if dp is not None:
+        log.info("privacy: %s", dp.describe(cfg.train.steps))
+
     # Mesh (named axes over all devices), rules (logical axis -> mesh axes), and the
     # state planned on them: abstract arrays and their shardings.
-    p = plan(cfg)
+    p = plan(cfg, privacy=dp)
     log.info("mesh %s on %s (%s)", sharding.describe(p.mesh), jax.default_backend(),
              jax.devices()[0].device_kind)
 
@@ -155,8 +161,9 @@ def run(cfg: Config) -> list[dict]:
             log.info("run already finished: checkpoint at step %d in %s (train.steps=%d)",
                      latest, ckpts.directory, cfg.train.steps)
             return []
-        state, start, data_position = start_state(p, ckpts, latest,
-                                                  init_from.initial_params(cfg, p))
+        state, start, meta = start_state(p, ckpts, latest, init_from.initial_params(cfg, p))
+        if meta is not None:  # the budget spent so far assumes these settings every step
+            privacy.check_resume(meta.get("privacy"), dp, f"the checkpoint at step {start}")
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log.info("model %s: %d layers, d_model %d, %.2fM parameters, rules %s",
                  cfg.model.style, cfg.model.num_layers, cfg.model.d_model, n_params / 1e6,
@@ -164,9 +171,9 @@ def run(cfg: Config) -> list[dict]:
 
         # Data: per-host rows -> global (microbatch, batch, length) arrays; batch i is a
         # function of (data, seed, i), so a resumed run continues the same stream.
-        batches = make_batches(cfg, p.batch_sharding, data_path)
+        batches = make_batches(cfg, p.batch_sharding, data_path, dp)
         teardown.callback(batches.close)
-        batches.check_resume(data_position)
+        batches.check_resume(None if meta is None else meta.get("data"))
 
         # Step: jit with explicit in/out shardings, donated state; compiled up front.
         first = batches.batch(start)
@@ -201,7 +208,8 @@ def run(cfg: Config) -> list[dict]:
         distributed.on_peer_lost(rerun)
         teardown.callback(distributed.on_peer_lost, None)
         try:
-            train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict)
+            train_loop(cfg, state, start, step_fn, batches, evaluate, ckpts, out, config_dict,
+                       dp)
         except jax.errors.JaxRuntimeError as e:
             lost = distributed.lost_peer(e)
             if lost is None:
@@ -217,10 +225,12 @@ def run(cfg: Config) -> list[dict]:
 
 
 def train_loop(cfg: Config, state, start: int, step_fn, batches, evaluate: Evaluator,
-               ckpts: Checkpoints, out: Outputs, config_dict: dict) -> None:
+               ckpts: Checkpoints, out: Outputs, config_dict: dict,
+               dp: privacy.Privacy | None = None) -> None:
     """Steps start+1 .. train.steps: metrics and the non-finite flag are read one step
     late, so the host never stalls the device (a checkpointed step's own row is logged
-    before its save); checkpoints every checkpoint.every_steps, at the end, on SIGTERM."""
+    before its save); checkpoints every checkpoint.every_steps, at the end, on SIGTERM.
+    With DP-SGD every row carries the epsilon spent after its step."""
     steps, every = cfg.train.steps, cfg.checkpoint.every_steps
     preempted = SigtermFlag(ckpts)
     out.metrics.start(start)
@@ -234,14 +244,16 @@ def train_loop(cfg: Config, state, start: int, step_fn, batches, evaluate: Evalu
         out.flush()
         eval_metrics = evaluate(step, state)
         if step % cfg.train.log_every == 0 or step == steps or eval_metrics:
-            out.metrics.push(step, {**step_metrics, **eval_metrics})
+            spent = {} if dp is None else {"epsilon": dp.epsilon(step)}
+            out.metrics.push(step, {**step_metrics, **eval_metrics, **spent})
         previous = (step, step_metrics)
         out.bar.update(1)
         stop = preempted(step)
         if (every and step % every == 0) or step == steps or stop:
             check_finite(cfg, step, step_metrics, ckpts)  # never save past a bad step
             out.flush()  # the step's row is timed and logged before its checkpoint
-            ckpts.save(step, state, {"step": step, "data": batches.position(step)},
+            meta = {"step": step, "data": batches.position(step)}
+            ckpts.save(step, state, meta if dp is None else {**meta, "privacy": dp.record()},
                        config_dict)
         if stop:
             out.profiler.stop(state)

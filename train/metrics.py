@@ -152,6 +152,8 @@ def format_row(row: dict) -> str:
                if "expert_load" in row else "")
             + (f" | reward_margin {row['reward_margin']:.3f} accuracy "
                f"{row['reward_accuracy']:.2f}" if "reward_margin" in row else "")
+            + (f" | epsilon {row['epsilon']:.4g} ({row['sequences']:.0f} sequences, "
+               f"{100 * row['clipped_fraction']:.0f}% clipped)" if "epsilon" in row else "")
             + (f" | eval_loss {row['eval_loss']:.4f} ppl {row['eval_ppl']:.2f}"
                if "eval_ppl" in row else "")
             + (f" | eval_loss {row['eval_loss']:.4f} accuracy {row['eval_reward_accuracy']:.2f}"

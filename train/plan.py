@@ -145,10 +145,12 @@ def check_experts(cfg: Config, mesh: Mesh, rules: sharding.rules.Rules) -> None:
 
 def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
          mesh: Mesh | None = None, rules: sharding.rules.Rules | None = None,
-         batches: bool = True) -> Plan:
+         batches: bool = True, privacy=None) -> Plan:
     """The plan of `cfg` on `devices` (default: all) or on a given mesh (and rules
     table, default cfg's). With `batches` (training, evaluation), a batch that does not
-    split evenly over the batch axes is a ConfigError; inference passes False."""
+    split evenly over the batch axes is a ConfigError; inference passes False.
+    `privacy`: DP-SGD's settings resolved against the data (train/privacy.py; the
+    pre-flight and layout tools leave it out)."""
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh.axes(), devices=devices, dcn=cfg.mesh.dcn())
     rules = rules if rules is not None else sharding.make_rules(cfg.sharding.rules,
@@ -157,7 +159,7 @@ def plan(cfg: Config, devices: Sequence[jax.Device] | None = None, *,
     check_context(cfg, mesh, rules, batches)
     if batches:
         check_batches(cfg, mesh, rules)
-    init = make_init(cfg, mesh, rules)
+    init = make_init(cfg, mesh, rules, privacy)
     abstract = jax.eval_shape(init, jax.random.key(cfg.train.seed))
     return Plan(cfg, mesh, rules, init, abstract, state_shardings(abstract, mesh, rules))
 

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 import sharding
 from models import Transformer
 from train.config import Config
+from train.dp_sgd import DpStep, make_dp_step
 from train.optimizer import make_optimizer
 from train.startup import compile_options
 
@@ -30,6 +31,7 @@ class StepConfig:
     objective: str = "lm"  # train.objective: lm or dpo (train/dpo.py)
     dpo_beta: float = 0.1
     dpo_label_smoothing: float = 0.0
+    dp: DpStep | None = None  # DP-SGD (privacy.dp_sgd; train/dp_sgd.py)
 
 
 def split_trainable(params: nnx.State, lora: bool) -> tuple[nnx.State, nnx.State]:
@@ -75,15 +77,18 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: sharding.rules.Rules
     return sharding.tree_shardings(abstract_state, rules, mesh, _logical_axes, _is_variable)
 
 
-def make_init(cfg: Config, mesh: Mesh, rules) -> Callable[[jax.Array], TrainState]:
-    """init(key) -> TrainState; pure, so it can be eval_shape'd and jitted."""
+def make_init(cfg: Config, mesh: Mesh, rules, privacy=None
+              ) -> Callable[[jax.Array], TrainState]:
+    """init(key) -> TrainState; pure, so it can be eval_shape'd and jitted. `privacy`:
+    DP-SGD's settings resolved against the data (train/privacy.py)."""
     constrain = sharding.ActivationSharding.create(mesh, rules)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, constrain)
     lora = cfg.model.lora
     step_cfg = StepConfig(z_loss=cfg.train.z_loss, schedule=schedule, lora=lora.enabled,
                           dropout_seed=cfg.train.seed if lora.enabled and lora.dropout > 0
                           else None, objective=cfg.train.objective, dpo_beta=cfg.dpo.beta,
-                          dpo_label_smoothing=cfg.dpo.label_smoothing)
+                          dpo_label_smoothing=cfg.dpo.label_smoothing,
+                          dp=make_dp_step(cfg, mesh, rules, privacy))
     reference = cfg.train.objective == "dpo" and not lora.enabled
 
     def init(key: jax.Array) -> TrainState:

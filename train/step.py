@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train import dpo
+from train import dp_sgd, dpo
 from train.state import TrainState, combine, split_trainable
 
 
@@ -40,14 +40,17 @@ DPO_TERMS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accura
 
 def loss_fn(params: nnx.State, state: TrainState, micro: dict[str, jax.Array],
             total_weight: jax.Array, num_micro: int = 1, frozen: nnx.State | None = None,
-            dropout_key: jax.Array | None = None):
+            dropout_key: jax.Array | None = None, constrain=None):
     """The microbatch's share of the loss, and its terms: ce, z (logit z-loss) and, for
     MoE models, moe_aux_loss, moe_z_loss (each microbatch's, divided by num_micro so
     they add up to the mean) and expert_load. `params` are the trained ones; `frozen`
     the rest (LoRA's base weights); `dropout_key`: LoRA dropout. For DPO the terms are
     train/dpo.py's, from micro["ref_logp"] (reference_logp), and total_weight counts
-    the global batch's pairs."""
+    the global batch's pairs. `constrain`: activation layouts in place of the model's
+    (DP-SGD's per-sequence gradients, train/dp_sgd.py)."""
     model = nnx.merge(state.graphdef, params if frozen is None else combine(params, frozen))
+    if constrain is not None:
+        model.constrain = constrain
     lse_BT, target_BT, moe = model.logsumexp_and_target(micro["inputs"], micro["targets"],
                                                         **model_inputs(micro),
                                                         dropout_key=dropout_key)
@@ -118,6 +121,12 @@ def compute_grads(state: TrainState, batch: dict[str, jax.Array]):
 
     def with_reference(micro):
         return dict(micro, ref_logp=reference_logp(state, micro)) if dpo_run else micro
+
+    if state.step_cfg.dp is not None:  # DP-SGD: per-sequence clipped gradients, noise
+        def example_grad(micro, weight, key, constrain):
+            return grad_fn(trained, state, micro, weight, 1, frozen, key, constrain)
+        return dp_sgd.private_grads(example_grad, state.step_cfg.dp, batch, trained,
+                                    state.step, micro_key)
 
     if num_micro == 1:
         micro = with_reference(jax.tree.map(lambda x: x[0], batch))
@@ -203,6 +212,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]
     updates were dropped so far); for MoE models also moe_aux_loss, moe_z_loss and
     expert_load (`loss_fn`). With train.objective=dpo, loss is DPO's and z_loss gives
     way to reward_chosen, reward_rejected, reward_margin and reward_accuracy (train/dpo.py).
+    With DP-SGD (privacy.dp_sgd) also sequences and clipped_fraction (train/dp_sgd.py),
+    and grad_norm is the noised gradient's.
 
     A non-finite step never reaches the parameters: its update is dropped in-graph
     (the loop then stops or goes on, per train.nonfinite), so the state, and any

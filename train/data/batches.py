@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import grain
 import jax
@@ -27,9 +28,13 @@ from jax.sharding import NamedSharding
 from models.context import balanced_rows
 from train.config import Config
 from train.data.packing import HostRows, PackedExamples, PackedSequences
+from train.data.poisson import PoissonRows
 from train.data.prepared import read_meta
 from train.data.stdlib import Corpus, load_stdlib_corpus, local_rows, synthetic_batch, window_batch
 from train.errors import DataError
+
+if TYPE_CHECKING:
+    from train.privacy import Privacy
 
 log = logging.getLogger("train")
 
@@ -89,13 +94,25 @@ def grain_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def open_split(cfg: Config, path: str, split: str):
+    """A prepared split as packed sequences: text documents back to back in windows, chat
+    examples (or preference pairs) packed whole."""
+    kind = read_meta(path).get("kind", "text")
+    d, T = cfg.data, cfg.train.seq_len
+    if kind in ("chat", "preference"):
+        return PackedExamples(path, split, T, d.overlong, kind == "preference")
+    return PackedSequences(path, split, T, d.mask_documents)
+
+
 class PackedBatches:
     """A prepared directory through Grain: sequences of the train split shuffled per
-    epoch by train.seed (data.shuffle), this process's rows of each global batch,
+    epoch by train.seed (data.shuffle), or with DP-SGD (`privacy`) Poisson-sampled per
+    step (train/data/poisson.py); this process's rows of each global batch,
     data.num_workers worker processes, data.prefetch batches read ahead."""
 
     def __init__(self, cfg: Config, sharding: NamedSharding, path: str, *,
-                 process_index: int | None = None, process_count: int | None = None):
+                 privacy: Privacy | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
         self.cfg, self.sharding, self.path = cfg, sharding, path
         self.meta = read_meta(path)
         d, t = cfg.data, cfg.train
@@ -108,7 +125,7 @@ class PackedBatches:
                             "data: set train.objective=dpo" if self.pairs else
                             f"train.objective=dpo trains on preference pairs, and {path} holds "
                             f"{kind} data: give rows of prompt, chosen and rejected")
-        train = self._split("train")
+        train = open_split(cfg, path, "train")
         if not len(train):
             raise DataError(f"{path}: the train split has fewer than 2 tokens" if not self.chat
                             else f"{path}: no chat example of the train split fits "
@@ -118,23 +135,19 @@ class PackedBatches:
         if d.shuffle:
             sequences = sequences.shuffle(seed=t.seed)
         self.train = sequences.repeat()
-        val = self._split("val")
+        self.poisson = None if privacy is None else PoissonRows(
+            train, t.batch_size, self.rows, t.seed, privacy.sampling_rate)
+        val = open_split(cfg, path, "val")
         self.val = grain.MapDataset.source(val).repeat() if len(val) else None
         self.iterator, self.next_step, self.cached = None, None, None
 
-    def _split(self, split: str):
-        """Text: documents back to back in windows; chat: whole examples packed."""
-        d, T = self.cfg.data, self.cfg.train.seq_len
-        if self.chat:
-            return PackedExamples(self.path, split, T, d.overlong, self.pairs)
-        return PackedSequences(self.path, split, T, d.mask_documents)
 
     def _start(self, step: int) -> None:
         """A Grain iterator over batches step, step + 1, ... of this process."""
         self.close()
         d = self.cfg.data
-        ds = grain.MapDataset.range(step, sys.maxsize).map(
-            HostRows(self.train, self.cfg.train.batch_size, self.rows))
+        rows = self.poisson or HostRows(self.train, self.cfg.train.batch_size, self.rows)
+        ds = grain.MapDataset.range(step, sys.maxsize).map(rows)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads,
                                                   prefetch_buffer_size=d.prefetch))
         if d.num_workers:
@@ -152,6 +165,8 @@ class PackedBatches:
         (read ahead by its threads and workers), any other step restarts it there."""
         if self.cached is not None and self.cached[0] == step:
             return self.cached[1]
+        if self.poisson is not None:
+            self.poisson.indices(step)  # an overflowing sample fails here, in one line
         if self.next_step != step:
             self._start(step)
         rows = next(self.iterator)
@@ -174,7 +189,8 @@ class PackedBatches:
         """What a checkpoint records about the data: the next batch and what it came from."""
         return {"kind": "prepared", "path": self.path, "seed": self.cfg.train.seed,
                 "next_batch": step, "seq_len": self.cfg.train.seq_len,
-                "shuffle": self.cfg.data.shuffle, "mask_documents": self.cfg.data.mask_documents,
+                "shuffle": "poisson" if self.poisson else self.cfg.data.shuffle,
+                "mask_documents": self.cfg.data.mask_documents,
                 "train_tokens": self.meta["splits"]["train"]["tokens"]}
 
     def check_resume(self, saved: dict | None) -> None:
@@ -198,11 +214,11 @@ class PackedBatches:
         self.iterator, self.next_step, self.cached = None, None, None
 
 
-def make_batches(cfg: Config, sharding, path: str | None):
-    """The train loop's batches: PackedBatches over a prepared directory, else the
-    embedded stdlib corpus or synthetic tokens."""
+def make_batches(cfg: Config, sharding, path: str | None, privacy: Privacy | None = None):
+    """The train loop's batches: PackedBatches over a prepared directory (Poisson-sampled
+    with DP-SGD), else the embedded stdlib corpus or synthetic tokens."""
     if path is not None:
-        batches = PackedBatches(cfg, sharding, path)
+        batches = PackedBatches(cfg, sharding, path, privacy=privacy)
         meta = batches.meta
         log.info("data: %s, %s tokenizer (%d tokens, EOS %d), %s train / %s val tokens, "
                  "%d sequences of %d per epoch%s", path, meta["tokenizer_kind"],
