@@ -135,6 +135,11 @@ def _start_lifeline(timeout_s: float) -> None:
         print(f"error: {_line(me, n, f'process {who} of {n}', cause)}", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
+        # JAX's coordination agent may see the loss at the same moment and log its own
+        # fatal error from a C++ thread: the line above stays the last one printed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         os._exit(1)
 
     lifeline.start(state.client, me, host, timeout_s, lost)

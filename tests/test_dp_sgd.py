@@ -278,14 +278,15 @@ def rows(out):
 
 @pytest.mark.once
 def test_a_killed_dp_run_resumes_bit_for_bit_and_logs_the_budget(tmp_path):
-    """Prepared data on fsdp x model, a target epsilon: SIGKILL after step 6 and a rerun
-    give the uninterrupted run's rows; each row's epsilon is dp_accounting's for its
-    step; changed privacy settings on resume are refused."""
+    """Prepared data read by a Grain worker process, on fsdp x model, a target epsilon:
+    SIGKILL after step 6 and a rerun give the uninterrupted run's rows; each row's
+    epsilon is dp_accounting's for its step; changed privacy settings on resume are
+    refused."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"record {i}: " + "abc def ghi " * (i % 9)})
                               + "\n" for i in range(400)))
     args = [f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=8",
-            "eval.every_steps=0", "privacy.dp_sgd=true", "privacy.epsilon=4",
+            "data.num_workers=1", "eval.every_steps=0", "privacy.dp_sgd=true", "privacy.epsilon=4",
             "privacy.expected_batch_size=4", "privacy.clip_norm=0.5"]
     ref_out = tmp_path / "reference"
     proc = run_cli(*RUN, *args, f"output_dir={ref_out}")
