@@ -141,7 +141,6 @@ class PackedBatches:
         self.val = grain.MapDataset.source(val).repeat() if len(val) else None
         self.iterator, self.next_step, self.cached = None, None, None
 
-
     def _start(self, step: int) -> None:
         """A Grain iterator over batches step, step + 1, ... of this process."""
         self.close()
