@@ -568,32 +568,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.objective == "dpo" and cfg.data.path is None:
         raise ConfigError("train.objective=dpo trains on preference pairs: set data.path to "
                           "rows of prompt, chosen and rejected")
-    check_privacy(cfg)
+    cfg.privacy.check_run(cfg)
     _not_s3("output_dir", cfg.output_dir)
-
-
-def check_privacy(cfg: Config) -> None:
-    """DP-SGD's accounting covers Poisson-sampled sequences of a prepared data set, each
-    with a loss of its own: a ConfigError for anything else."""
-    p = cfg.privacy
-    if not p.dp_sgd:
-        return
-    if cfg.data.path is None:
-        raise ConfigError("privacy.dp_sgd=true samples the sequences of a prepared data set "
-                          "(Poisson sampling, what the accountant assumes), not the embedded "
-                          f"{cfg.data.source} data: set data.path")
-    if cfg.train.objective != "lm":
-        raise ConfigError("privacy.dp_sgd=true needs train.objective=lm: a DPO pair's loss "
-                          "depends on its reference log-probs and partner, which per-sequence "
-                          "accounting does not cover")
-    if cfg.model.moe.enabled:
-        raise ConfigError("privacy.dp_sgd=true cannot train a mixture of experts: its "
-                          "load-balancing loss and expert capacity couple the sequences of a "
-                          "batch; use a dense model (model.moe.enabled=false)")
-    if p.expected_batch_size is not None and p.expected_batch_size > cfg.train.batch_size:
-        raise ConfigError(f"privacy.expected_batch_size={p.expected_batch_size:g} exceeds "
-                          f"train.batch_size={cfg.train.batch_size}, the padded batch a step "
-                          "holds; raise train.batch_size well above it (mean + 5 x sqrt(mean))")
 
 
 def to_dict(cfg: Config) -> dict:

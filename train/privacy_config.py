@@ -56,6 +56,30 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1), e.g. 1e-5 "
                               "(below 1 / the number of training sequences)")
 
+    def check_run(self, cfg) -> None:
+        """What DP-SGD's accounting covers, against the rest of the config `cfg`:
+        Poisson-sampled sequences of a prepared data set, each with a loss of its own."""
+        if not self.dp_sgd:
+            return
+        if cfg.data.path is None:
+            raise ConfigError("privacy.dp_sgd=true samples the sequences of a prepared data "
+                              "set (Poisson sampling, what the accountant assumes), not the "
+                              f"embedded {cfg.data.source} data: set data.path")
+        if cfg.train.objective != "lm":
+            raise ConfigError("privacy.dp_sgd=true needs train.objective=lm: a DPO pair's "
+                              "loss depends on its reference log-probs and partner, which "
+                              "per-sequence accounting does not cover")
+        if cfg.model.moe.enabled:
+            raise ConfigError("privacy.dp_sgd=true cannot train a mixture of experts: its "
+                              "load-balancing loss and expert capacity couple the sequences "
+                              "of a batch; use a dense model (model.moe.num_experts=0)")
+        expected = self.expected_batch_size
+        if expected is not None and expected > cfg.train.batch_size:
+            raise ConfigError(f"privacy.expected_batch_size={expected:g} exceeds "
+                              f"train.batch_size={cfg.train.batch_size}, the padded batch a "
+                              "step holds; raise train.batch_size well above it (mean + 5 x "
+                              "sqrt(mean))")
+
     @property
     def clip(self) -> float:
         return DEFAULT_CLIP_NORM if self.clip_norm is None else self.clip_norm
