@@ -127,8 +127,13 @@ class StackedBlocks(nnx.Module):
 
         def body(p, x_BTD, layer, cache):
             # weight matrices in the compute dtype, gathered (the experts' inside their
-            # layer, models/moe.py); norm scales stay fp32
-            p = {k: v if v.ndim < 2 else layers.for_compute(v, axes[k], dt, constrain,
+            # layer, models/moe.py); norm scales stay fp32. Each is first scaled by a 1.0
+            # made from the layer index: a cast that depends on the loop's step cannot be
+            # hoisted, where XLA would cast every layer's weights before the layer loop
+            # and keep that bf16 copy through the backward loop too (docs/preflight.md)
+            one = (jnp.asarray(layer) >= 0).astype(jnp.float32)
+            p = {k: v if v.ndim < 2 else layers.for_compute(v * one.astype(v.dtype), axes[k],
+                                                            dt, constrain,
                                                             gather="experts" not in axes[k])
                  for k, v in p.items()}
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)

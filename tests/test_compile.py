@@ -4,6 +4,7 @@ against the parameter-size math."""
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ def param_bytes(r: dict) -> int:
 
 @needs_libtpu
 def test_preflight_for_a_tpu_slice(tmp_path):
-    r, text = report(tmp_path, "--topology", "v5e:2x2")
+    r, text = report(tmp_path, "--topology", "v5e:2x2", "model.dtype=bfloat16",
+                     "--hlo", str(tmp_path / "step.hlo"))
     assert r["devices"] == 4
     assert r["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "expert": 1, "model": 1}
     assert r["hbm_per_chip"] == 16 * 1024 ** 3 and r["fits"] is True
@@ -50,6 +52,11 @@ def test_preflight_for_a_tpu_slice(tmp_path):
     assert 0 < r["xla_flops_per_chip"] < r["flops_per_chip"] * 4
     assert total(r, "all-gather", "fsdp") > 0
     assert "of 16.00 GiB per chip: fits" in text and "all-gather" in text
+    # each layer's weights are cast to bf16 inside the layer loop: no bf16 copy of the
+    # stacked (layers, ...) matrices is made before it and kept for the backward loop
+    entry = (tmp_path / "step.hlo").read_text().split("\nENTRY ", 1)[1]
+    stacked = re.findall(r"= (bf16\[4,\d+,\d+[\d,]*\])\S* convert\(", entry)
+    assert stacked == [], stacked
 
 
 @needs_libtpu
