@@ -39,6 +39,18 @@ def _param(key, shape, axes, std, dtype) -> nnx.Param:
     return nnx.Param(value, logical_axes=axes)
 
 
+def _cast_here(w: jax.Array, dtype, layer) -> jax.Array:
+    """A layer's weight that is about to be cast to `dtype`, scaled by a 1.0 made from the
+    layer index: a cast that depends on the loop's step stays in the layer loop. XLA
+    otherwise moves the cast in front of the weight's slicing and out of the loop, casting
+    every layer's weights at once and keeping that copy through the backward loop too
+    (docs/preflight.md, item 11). The scaling fuses into the cast; without a cast there is
+    nothing to hoist and the weight is returned as it is."""
+    if w.dtype == dtype:
+        return w
+    return w * (jnp.asarray(layer) >= 0).astype(w.dtype)
+
+
 class StackedBlocks(nnx.Module):
     """Consecutive layers' parameters, each with a leading "layers" axis of size
     `num_layers`, starting at layer `first`; `moe`: mixture-of-experts MLPs."""
@@ -127,12 +139,8 @@ class StackedBlocks(nnx.Module):
 
         def body(p, x_BTD, layer, cache):
             # weight matrices in the compute dtype, gathered (the experts' inside their
-            # layer, models/moe.py); norm scales stay fp32. Each is first scaled by a 1.0
-            # made from the layer index: a cast that depends on the loop's step cannot be
-            # hoisted, where XLA would cast every layer's weights before the layer loop
-            # and keep that bf16 copy through the backward loop too (docs/preflight.md)
-            one = (jnp.asarray(layer) >= 0).astype(jnp.float32)
-            p = {k: v if v.ndim < 2 else layers.for_compute(v * one.astype(v.dtype), axes[k],
+            # layer, models/moe.py); norm scales stay fp32
+            p = {k: v if v.ndim < 2 else layers.for_compute(_cast_here(v, dt, layer), axes[k],
                                                             dt, constrain,
                                                             gather="experts" not in axes[k])
                  for k, v in p.items()}

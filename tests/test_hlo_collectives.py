@@ -1,5 +1,7 @@
 """Collective accounting on a hand-written HLO program, against hand-computed bytes."""
 
+import re
+
 from train.preflight.hlo_collectives import collectives, group_axes, shape_bytes, summarize
 
 HLO = """HloModule m
@@ -106,6 +108,22 @@ def test_async_collective_chain_counts_once():
     items, _ = collectives(CHAIN_HLO, MESH)
     rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
     # two distinct all-gathers (channels 7 and 8), 4 x 8 bf16 = 64 B each, 4 trips
+    assert rows == {("all-gather", "fsdp"): (2 * 4 * 64, 2 * 4)}
+
+
+def test_a_chain_whose_collectives_are_not_the_fusions_roots_counts_once():
+    """On v5e the TPU compiler's chain fusions return a tuple (the collective's result
+    with the start's buffers): the copies are still one transfer."""
+    hlo = CHAIN_HLO
+    for name in ("fused_start", "async_collective_fusion.1", "fused_done"):
+        head, body = hlo.split(f"%{name} (", 1)
+        body, tail = body.split("\n}\n", 1)
+        body = body.replace("ROOT %all-gather", "%all-gather")
+        gathered = re.search(r"%(all-gather\.\d+) =", body).group(1)
+        body += f"\n  ROOT %root = (bf16[4,8], s32[2]) tuple(%{gathered}, %buffers)"
+        hlo = f"{head}%{name} ({body}\n}}\n{tail}"
+    items, _ = collectives(hlo, MESH)
+    rows = {(r["op"], r["axes"]): (r["bytes_per_step"], r["executions"]) for r in summarize(items)}
     assert rows == {("all-gather", "fsdp"): (2 * 4 * 64, 2 * 4)}
 
 

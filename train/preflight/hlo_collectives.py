@@ -10,8 +10,8 @@ The TPU compiler splits one collective into a chain of fusions that overlap it w
 compute (an async-collective-start, continuations, a done), each holding a copy of the
 collective with the same channel id; a chain is one transfer, counted once, as often as
 its start runs (continuations can sit inside an inner loop they overlap with). Only
-fusion roots chain: collectives written out in a computation are distinct even where
-they share a channel id.
+collectives inside fusions chain (the fusion's root, or an element of its root tuple):
+collectives written out in a computation are distinct even where they share a channel id.
 """
 
 from __future__ import annotations
@@ -215,6 +215,8 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
     whose trip count could not be read (their bodies are counted once)."""
     comps, entry = computations(hlo)
     mult, unknown = multipliers(comps, entry)
+    fused = {ref for lines in comps.values() for line in lines if re.search(r"\sfusion\(", line)
+             for ref in re.findall(r"calls=%?([\w.\-]+)", line)}
     out, chains = [], {}  # (op, channel id) -> index in out
     for name, lines in comps.items():
         runs = mult.get(name, 0)
@@ -236,11 +238,12 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> tuple[list[Collective],
                                   line)
             item = Collective(base, shape_bytes(type_text) * runs, runs,
                               group_axes(start_line, mesh_shape))
-            # a chain's copies are each the root of a fusion; collectives written out in
-            # a loop body are distinct even where they share a channel id (XLA:CPU gives
-            # every shard_map collective channel 1)
+            # a chain's copies each sit in a fusion (its root, or in its root tuple with
+            # the start's buffers, as on v5e); collectives written out in a loop body are
+            # distinct even where they share a channel id (XLA:CPU gives every shard_map
+            # collective channel 1)
             channel = re.search(r"channel_id=(\d+)", line)
-            chained = channel and line.lstrip().startswith("ROOT ")
+            chained = channel and name in fused
             key = (base, channel.group(1)) if chained else None
             if key is None or key not in chains:
                 if key is not None:
