@@ -96,7 +96,7 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Literal["none", "full", "save_dots", "save_ring"] = "none"
     # auto: cuDNN on GPUs (bf16/fp16), splash on TPUs, blocked elsewhere. blocked: exact
     # attention a block of `attention_block` queries at a time (scores held: B x N x block
     # x T, not x T). splash: the Pallas TPU kernel (interpreted, slowly, off TPUs).

@@ -38,6 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import num_blocks
 
@@ -298,7 +299,9 @@ def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axes, block, kernel, interpret):
     o, lse = merge(o, lse, 0, own, (q, qpos, qseg), own=True)  # the diagonal: causal
     (o, lse, blk), _ = jax.lax.scan(step_fn, (o, lse, blk), jnp.arange(1, ways - 1))
     o, lse = fold_visiting(o, lse, blk, ways - 1)
-    o = o.astype(q.dtype)
+    # named for model.remat=save_ring, which keeps them rather than run the ring again
+    o = checkpoint_name(o.astype(q.dtype), "ring_out")
+    lse = checkpoint_name(lse, "ring_out")
     return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
 

@@ -26,6 +26,9 @@ from models.moe import aux_losses
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # as full, but keep ring attention's output and log-sum-exp (models/context.py): the
+    # recomputed forward then sends no key/value blocks round the ring
+    "save_ring": jax.checkpoint_policies.save_only_these_names("ring_out"),
 }
 
 

@@ -50,7 +50,7 @@ def test_overrides_are_typed_and_dotted():
     ("train.steps=ten", "train.steps='ten' is not allowed: expected an integer"),
     ("model.style=bert", "model.style='bert' is not allowed: expected one of 'gpt2', 'llama'"),
     ("model.remat=some", "model.remat='some' is not allowed: expected one of 'none', 'full', "
-                         "'save_dots'"),
+                         "'save_dots', 'save_ring'"),
     ("optimizer.lr=fast", "optimizer.lr='fast' is not allowed: expected a number"),
     ("optimizer.lr=-1", "optimizer.lr=-1.0 is negative: the run would climb the loss; give "
                         "a positive peak learning rate"),
