@@ -115,17 +115,22 @@ def test_ring_and_all_gather_attention_equal_dense_in_values_and_gradients(devic
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+def compiled_step_hlo(cfg) -> str:
+    """The optimized HLO text of cfg's train step, compiled for its mesh."""
+    p = plan(cfg)
+    batch = {k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sharding)
+             for k in ("inputs", "targets", "positions")}
+    return jit_train_step(p.shardings, {k: p.batch_sharding for k in batch}).lower(
+        p.abstract_state(), batch).compile().as_text()
+
+
 def test_the_ring_step_holds_no_array_of_the_whole_sequences_keys(devices):
     """Compiled: every (B, S, K, H) key/value array in the ring's program is one
     shard's block (S = T / 4), never the whole length."""
     cfg = small_config("mesh.fsdp=2", "mesh.context=4", "sharding.rules=fsdp_cp",
                        f"train.seq_len={T}", "model.max_seq_len=256",
                        "model.context_attention=ring", f"model.attention_block={BLOCK}")
-    p = plan(cfg)
-    batch = {k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sharding)
-             for k in ("inputs", "targets", "positions")}
-    hlo = jit_train_step(p.shardings, {k: p.batch_sharding for k in batch}).lower(
-        p.abstract_state(), batch).compile().as_text()
+    hlo = compiled_step_hlo(cfg)
     K, H = cfg.model.kv_heads, cfg.model.head_size
     whole = [f"[{b},{T},{K},{H}]" for b in (1, 2, 4, 8)]
     assert not any(w in hlo for w in whole), [w for w in whole if w in hlo]
@@ -367,12 +372,7 @@ def test_context_parallel_training_equals_the_unsharded_run(devices, mesh, mode)
 def ring_permute_bytes(cfg) -> float:
     """Bytes per step of the compiled train step's collective-permutes over `context`."""
     from train.preflight.hlo_collectives import collectives
-    p = plan(cfg)
-    batch = {k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sharding)
-             for k in ("inputs", "targets", "positions")}
-    hlo = jit_train_step(p.shardings, {k: p.batch_sharding for k in batch}).lower(
-        p.abstract_state(), batch).compile().as_text()
-    items, _ = collectives(hlo, dict(p.mesh.shape))
+    items, _ = collectives(compiled_step_hlo(cfg), dict(plan(cfg).mesh.shape))
     return sum(c.bytes_per_step for c in items
                if c.op == "collective-permute" and c.axes == "context")
 
