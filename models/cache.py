@@ -15,10 +15,9 @@ Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from models.config import ModelConfig
 from models.layers import Constrain
@@ -27,15 +26,24 @@ CACHE_AXES = ("layers", "batch", "act_length", "act_kv_heads", None)
 UNROLL_ROWS = 64  # rows written one by one up to this many (XLA:CPU's scatter is slow)
 
 
-class KVCache(NamedTuple):
+@struct.dataclass
+class KVCache:
     k_LBSKH: jax.Array
     v_LBSKH: jax.Array
     index: jax.Array  # int32 scalar, or (B,) per row: the slot of this call's first token
     pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
+    # attention reads only the first `span` slots (None: all S); a static number
+    span: int | None = struct.field(pytree_node=False, default=None)
 
     def at(self, index) -> "KVCache":
         """The cache with the next call's tokens placed from slot `index` on."""
-        return self._replace(index=jnp.asarray(index, jnp.int32))
+        return self.replace(index=jnp.asarray(index, jnp.int32))
+
+    def within(self, span: int | None) -> "KVCache":
+        """The cache with attention reading only its first `span` slots (every slot
+        this call's tokens attend to must be among them; None: all): what lies past a
+        serving engine's longest row is neither read nor scored."""
+        return self.replace(span=span)
 
     def slots(self, length: int) -> jax.Array:
         """(B, T) cache slots of the `length` tokens of this call."""
@@ -60,12 +68,15 @@ class KVCache(NamedTuple):
         else:  # each row at its own slot (the caller keeps index_B + T within the cache)
             k_LBSKH, v_LBSKH = (_write_rows(c, x.astype(dt), layer, self.index)
                                 for c, x in ((self.k_LBSKH, k_BTKH), (self.v_LBSKH, v_BTKH)))
-        return self._replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
+        return self.replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
                              v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array]:
-        """(B, S, K, H) keys and values of one layer."""
-        return self.k_LBSKH[layer], self.v_LBSKH[layer]
+        """(B, S, K, H) keys and values of one layer (S: the span, if one is set)."""
+        k_BSKH, v_BSKH = self.k_LBSKH[layer], self.v_LBSKH[layer]
+        if self.span is None:
+            return k_BSKH, v_BSKH
+        return k_BSKH[:, :self.span], v_BSKH[:, :self.span]
 
 
 def _write_rows(c_LBSKH: jax.Array, x_BTKH: jax.Array, layer, index_B: jax.Array
@@ -90,7 +101,7 @@ def copy_row(into: KVCache, row, source: KVCache, source_row) -> KVCache:
         one_L1SKH = one_L1SKH[:, :, :c_LBSKH.shape[2]]
         return jax.lax.dynamic_update_slice(c_LBSKH, one_L1SKH.astype(c_LBSKH.dtype),
                                             (0, row, 0, 0, 0))
-    return into._replace(k_LBSKH=put(into.k_LBSKH, source.k_LBSKH),
+    return into.replace(k_LBSKH=put(into.k_LBSKH, source.k_LBSKH),
                          v_LBSKH=put(into.v_LBSKH, source.v_LBSKH))
 
 

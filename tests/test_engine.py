@@ -3,6 +3,8 @@ Generator) on a 2x2x2 mesh: each request's tokens as if it ran alone, seeds that
 sampling reproducible whatever else is in the batch, slots freed at once, no compile
 after the engine is built; streamed text (UTF-8 and stop strings)."""
 
+import collections
+
 import jax
 import jax.monitoring
 import numpy as np
@@ -56,19 +58,42 @@ def count_compiles():
     return seen, lambda: jax.monitoring.unregister_event_duration_listener(listen)
 
 
+def spans_used(engine):
+    """The engine's programs wrapped to count the attention spans they are called
+    with: {"decode": Counter(span), "prefill": Counter((chunk, span))}, and a restore."""
+    used = {"decode": collections.Counter(), "prefill": collections.Counter()}
+    kept = engine._decode_fns, engine._prefill_fns
+
+    def counted(kind, key, fn):
+        return lambda *args: (used[kind].update([key]), fn(*args))[1]
+    engine._decode_fns = {k: counted("decode", k, f) for k, f in kept[0].items()}
+    engine._prefill_fns = {k: counted("prefill", k, f) for k, f in kept[1].items()}
+
+    def restore():
+        engine._decode_fns, engine._prefill_fns = kept
+    return used, restore
+
+
 def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, static):
     """Ten requests of 1 to 20 prompt tokens and 1 to 16 new ones through 4 slots:
-    each gets the static batch's greedy tokens, cut to its own limit; none compiles."""
+    each gets the static batch's greedy tokens, cut to its own limit; none compiles.
+    Attention reads the shortest span of the cache that holds every row (20 or 30 of
+    the 40 slots here; a first chunk within itself, later ones all the prefill cache)."""
     assert (engine.B, engine.S) == (4, 40)
     assert (engine.P, engine.buckets) in ((4, [4]), (8, [8, 16]))
+    assert engine.spans == [20, 30, 40]
     seen, stop = count_compiles()
+    used, restore = spans_used(engine)
     try:
         done = engine.generate(PROMPTS, [Sampling(max_tokens=n) for n in MAX_TOKENS])
     finally:
         stop()
+        restore()
     assert seen == []
     for r, want, n in zip(done, static, MAX_TOKENS):
         assert r.tokens == want[:n] and r.finish_reason == "length"
+    assert {20, 30} <= set(used["decode"])
+    assert {span == chunk for chunk, span in used["prefill"]} == {True, False}
     assert engine.busy == 0 and all(r is None for r in engine.slot_req)
 
 

@@ -13,7 +13,10 @@ it gets does not depend on what else is in the batch.
 
 Programs of fixed shapes, compiled when the engine is built (prefill a chunk, one per
 chunk length bucket; copy a row; decode `decode_steps` steps): serving never compiles
-again.
+again. Attention reads only the first cache slots that hold anything: a prompt's first
+chunk attends within the chunk, and decoding over the shortest of a few spans (the
+cache's whole length, a half, a quarter) that holds every decoding row's slots; each
+span is a program of its own.
 
 Shapes: B decode slots, P prefill rows, C chunk, S cache slots, K decode steps per
 call, V vocab.
@@ -136,6 +139,9 @@ class Engine:
         self.S = max_len
         # the prefill rows' cache has room for a last chunk that runs past the prompt
         self.S_prefill = max_len + self.C
+        # decode spans: the cache's first S/4, S/2, 3S/4 or all S slots (16 at least)
+        self.spans = sorted({self.S} | {self.S * j // 4 for j in (1, 2, 3)
+                                        if self.S * j // 4 >= max(16, self.K)})
         self.waiting: collections.deque[Request] = collections.deque()
         self.peers = peers  # lockstep.Peers with several processes, else None
         self._ids = itertools.count()
@@ -145,11 +151,10 @@ class Engine:
         # draws so far, its sampling settings; kept on the device between decode calls
         # and uploaded again only when a slot gets a new request
         self.slot_req: list[Request | None] = [None] * self.B
-        self.slot_pos = np.zeros(self.B, np.int32)
-        self.slot_last = np.zeros(self.B, np.int32)
-        self.slot_count = np.zeros(self.B, np.int32)
-        self.slot_settings = np.zeros((4, self.B), np.float64)  # seed, temp, top_k, top_p
-        self._slots_on_device = None  # (last, pos, count, seeds, temps, top_k, top_p)
+        self.slot_state = np.zeros((3, self.B), np.int32)  # token to feed, slot, draws
+        self.slot_ints = np.zeros((2, self.B), np.int32)  # seed, top_k
+        self.slot_floats = np.zeros((2, self.B), np.float32)  # temperature, top_p
+        self._slots_on_device = None  # (state, ints, floats)
         # prefill rows: the request, its prompt tokens prefilled so far, its reserved slot
         self.row_req: list[Request | None] = [None] * self.P
         # admitted requests (each with its decode slot) waiting for a prefill row
@@ -160,7 +165,10 @@ class Engine:
 
     # ------------------------------------------------------------------ device code
 
-    def _pick(self, logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B):
+    def _pick(self, logits_BV, counts_B, ints_2B, floats_2B):
+        """Each row's next token by its settings: ints_2B (seed, top_k), floats_2B
+        (temperature, top_p)."""
+        (seeds_B, top_k_B), (temps_B, top_p_B) = ints_2B, floats_2B
         real_V = jnp.arange(logits_BV.shape[-1]) < self.vocab_limit
         keys_B = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
             seeds_B, counts_B)
@@ -173,33 +181,35 @@ class Engine:
     def _replicated(self, x):
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _prefill(self, params, cache, tokens_PC, start_P, last_P, seeds_P, temps_P, top_k_P,
-                 top_p_P):
-        """Chunk tokens_PC into rows from slots start_P on; the first new token of each
-        row whose prompt ends at last_P in this chunk."""
+    def _prefill(self, params, cache, tokens_PC, ints_4P, floats_2P, *, span):
+        """Chunk tokens_PC into rows from slots start_P on, attending to the cache's
+        first `span` slots; the first new token of each row whose prompt ends at last_P
+        in this chunk. ints_4P: start_P, last_P, seed, top_k; floats_2P: temperature,
+        top_p (one upload each)."""
         model = nnx.merge(self.graphdef, params)
-        x_PCD, cache = model.hidden(tokens_PC, cache=cache.at(start_P))
+        start_P, last_P = ints_4P[0], ints_4P[1]
+        x_PCD, cache = model.hidden(tokens_PC, cache=cache.at(start_P).within(span))
         x_P1D = jnp.take_along_axis(x_PCD, last_P[:, None, None], axis=1)
         logits_PV = model.logits(x_P1D)[:, 0]
-        first_P = self._pick(logits_PV, seeds_P, jnp.zeros_like(seeds_P), temps_P, top_k_P,
-                             top_p_P)
-        return self._replicated(first_P), cache
+        first_P = self._pick(logits_PV, jnp.zeros_like(start_P), ints_4P[2:], floats_2P)
+        return self._replicated(first_P), cache.within(None)
 
-    def _decode(self, params, cache, tokens_B, pos_B, counts_B, seeds_B, temps_B, top_k_B,
-                top_p_B):
-        """K decode steps, each feeding the token it picks to the next: tokens_KB, and
-        the slots' state after them."""
+    def _decode(self, params, cache, slots_3B, ints_2B, floats_2B, *, span):
+        """K decode steps, each feeding the token it picks to the next, attending to
+        the cache's first `span` slots. slots_3B: each slot's token to feed, next cache
+        slot, draws so far; ints_2B, floats_2B: its sampling settings. Returns tokens_KB,
+        the cache and slots_3B after them."""
         model = nnx.merge(self.graphdef, params)
 
         def step(carry, _):
-            cache, tokens_B, pos_B, counts_B = carry
+            cache, (tokens_B, pos_B, counts_B) = carry
             logits_BV, cache = model.extend(tokens_B[:, None], cache.at(pos_B))
-            next_B = self._pick(logits_BV, seeds_B, counts_B, temps_B, top_k_B, top_p_B)
-            return (cache, next_B, pos_B + 1, counts_B + 1), next_B
+            next_B = self._pick(logits_BV, counts_B, ints_2B, floats_2B)
+            return (cache, jnp.stack([next_B, pos_B + 1, counts_B + 1])), next_B
 
-        (cache, tokens_B, pos_B, counts_B), tokens_KB = jax.lax.scan(
-            step, (cache, tokens_B, pos_B, counts_B), None, length=self.K)
-        return tokens_KB, cache, tokens_B, pos_B, counts_B
+        (cache, slots_3B), tokens_KB = jax.lax.scan(
+            step, (cache.within(span), slots_3B), None, length=self.K)
+        return tokens_KB, cache.within(None), slots_3B
 
     def _compile(self, model) -> None:
         """The three programs, compiled now for their only shapes."""
@@ -209,23 +219,26 @@ class Engine:
         self.cache, self.prefill_cache = empty(self.B, self.S), empty(self.P, self.S_prefill)
         i32, f32 = np.int32, np.float32
         P, B = self.P, self.B
-        prefill = jax.jit(self._prefill, donate_argnums=(1,))
-        self._prefill_fns = {C: prefill.lower(
+        prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("span",))
+        # per chunk length: a program for first chunks (attending within the chunk) and
+        # one for later ones (the whole cache)
+        self._prefill_fns = {(C, span): prefill.lower(
             self.params, self.prefill_cache, self._global(np.zeros((P, C), i32)),
-            *(self._global(np.zeros(P, t)) for t in (i32, i32, i32, f32, i32, f32))).compile()
-            for C in self.buckets}
+            self._global(np.zeros((4, P), i32)), self._global(np.zeros((2, P), f32)),
+            span=span).compile() for C in self.buckets for span in (C, self.S_prefill)}
         rep = NamedSharding(self.mesh, PartitionSpec())
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
-        self._decode_fn = jax.jit(  # outputs laid out as the inputs they become next
-            self._decode, donate_argnums=(1, 2, 3, 4),
-            out_shardings=(rep, cache_shardings, rep, rep, rep)).lower(
-            self.params, self.cache,
-            *(self._global(np.zeros(B, t)) for t in (i32, i32, i32, i32, f32, i32, f32))
-        ).compile()
-        self._copy_fn = jax.jit(
-            copy_row, donate_argnums=(0,), out_shardings=cache_shardings).lower(
-            self.cache, self._global(np.int32(0)), self.prefill_cache,
-            self._global(np.int32(0))).compile()
+        decode = jax.jit(  # outputs laid out as the inputs they become next
+            self._decode, donate_argnums=(1, 2), static_argnames=("span",),
+            out_shardings=(rep, cache_shardings, rep))
+        self._decode_fns = {span: decode.lower(
+            self.params, self.cache, self._global(np.zeros((3, B), i32)),
+            self._global(np.zeros((2, B), i32)), self._global(np.zeros((2, B), f32)),
+            span=span).compile() for span in self.spans}
+        self._copy_fn = jax.jit(  # rows_2: the slot, the prefill row
+            lambda into, rows_2, source: copy_row(into, rows_2[0], source, rows_2[1]),
+            donate_argnums=(0,), out_shardings=cache_shardings).lower(
+            self.cache, self._global(np.zeros(2, i32)), self.prefill_cache).compile()
 
     # ------------------------------------------------------------------ host side
 
@@ -381,22 +394,25 @@ class Engine:
                    if r is not None)
         C = next((c for c in self.buckets if c >= left), self.C)
         tokens = np.zeros((P, C), np.int32)
-        last = np.zeros(P, np.int32)
-        settings = np.zeros((4, P), np.float64)  # seed, temperature, top_k, top_p
+        ints = np.zeros((4, P), np.int32)  # first slot, last token's place, seed, top_k
+        floats = np.zeros((2, P), np.float32)  # temperature, top_p
+        ints[0] = self.row_done
         ends = []
         for i, r in enumerate(self.row_req):
             if r is None:
                 continue
             piece = r.prompt[self.row_done[i]:self.row_done[i] + C]
             tokens[i, :len(piece)] = piece
-            last[i] = len(piece) - 1
-            s = r.sampling
-            settings[:, i] = (s.seed, s.temperature, s.top_k, s.top_p)
+            ints[1:, i] = len(piece) - 1, r.sampling.seed, r.sampling.top_k
+            floats[:, i] = r.sampling.temperature, r.sampling.top_p
             if self.row_done[i] + len(piece) == len(r.prompt):
                 ends.append(i)
-        first, self.prefill_cache = self._prefill_fns[C](
-            self.params, self.prefill_cache, self._global(tokens), self._global(self.row_done),
-            self._global(last), *self._settings(settings))
+        first_chunks = all(self.row_done[i] == 0 for i, r in enumerate(self.row_req)
+                           if r is not None)
+        span = C if first_chunks else self.S_prefill
+        first, self.prefill_cache = self._prefill_fns[C, span](
+            self.params, self.prefill_cache, self._global(tokens), self._global(ints),
+            self._global(floats))
         first = np.asarray(first.addressable_data(0))
         for i, r in enumerate(self.row_req):
             if r is not None:
@@ -404,34 +420,31 @@ class Engine:
         for i in ends:
             r, b = self.row_req[i], int(self.row_slot[i])
             self.row_req[i] = None
-            self.cache = self._copy_fn(self.cache, self._global(np.int32(b)),
-                                       self.prefill_cache, self._global(np.int32(i)))
+            self.cache = self._copy_fn(self.cache, self._global(np.array([b, i], np.int32)),
+                                       self.prefill_cache)
             self.slot_req[b] = r
-            self.slot_pos[b], self.slot_last[b], self.slot_count[b] = len(r.prompt), first[i], 1
-            s = r.sampling
-            self.slot_settings[:, b] = (s.seed, s.temperature, s.top_k, s.top_p)
+            self.slot_state[:, b] = first[i], len(r.prompt), 1
+            self.slot_ints[:, b] = r.sampling.seed, r.sampling.top_k
+            self.slot_floats[:, b] = r.sampling.temperature, r.sampling.top_p
             self._slots_on_device = None
             self._take(b, int(first[i]))
         return P * C
 
-    def _settings(self, settings: np.ndarray):
-        seeds, temps, top_k, top_p = settings
-        return (self._global(seeds.astype(np.int32)), self._global(temps.astype(np.float32)),
-                self._global(top_k.astype(np.int32)), self._global(top_p.astype(np.float32)))
-
     def _decode_step(self) -> None:
         if self._slots_on_device is None:  # a slot has a new request: upload the slots
-            seeds, temps, top_k, top_p = self._settings(self.slot_settings)
-            self._slots_on_device = (self._global(self.slot_last), self._global(self.slot_pos),
-                                     self._global(self.slot_count), seeds, temps, top_k, top_p)
-        last, pos, count, *settings = self._slots_on_device
-        tokens_KB, self.cache, last, pos, count = self._decode_fn(
-            self.params, self.cache, last, pos, count, *settings)
-        self._slots_on_device = (last, pos, count, *settings)
+            self._slots_on_device = tuple(map(self._global, (
+                self.slot_state, self.slot_ints, self.slot_floats)))
+        state, ints, floats = self._slots_on_device
+        # the shortest span that holds the slots every decoding row writes in this call
+        need = max(int(self.slot_state[1, b]) for b, r in enumerate(self.slot_req)
+                   if r is not None) + self.K
+        span = next((s for s in self.spans if s >= need), self.S)
+        tokens_KB, self.cache, state = self._decode_fns[span](
+            self.params, self.cache, state, ints, floats)
+        self._slots_on_device = (state, ints, floats)
         tokens_KB = np.asarray(tokens_KB.addressable_data(0))
-        self.slot_last = tokens_KB[-1].copy()
-        self.slot_pos += self.K
-        self.slot_count += self.K
+        self.slot_state[0] = tokens_KB[-1]
+        self.slot_state[1:] += self.K
         for b in range(self.B):
             for token in tokens_KB[:, b]:
                 if self.slot_req[b] is None:
