@@ -2,7 +2,7 @@
 against static batching (train.generate's Generator) on the same prompts.
 
     python scripts/bench_serve.py [--checkpoint PATH] [--config X.yaml key=value ...]
-        [--requests 32] [--prompt-len 8 96] [--new-tokens 16 128] [--seed 0]
+        [--requests 32] [--prompt-len 8 96] [--new-tokens 16 128] [--seed 0] [--repeats 3]
 
 The workload is fixed by --seed: --requests requests, each with a prompt of random token
 ids and a number of new tokens, both drawn log-uniformly from their ranges (8x and more
@@ -11,16 +11,23 @@ number of tokens. Without --checkpoint the model is the config's, randomly initi
 (written as an export to a temporary directory, then served).
 
 Continuous: the server (serve.max_batch slots, from the config) started in a
-subprocess; every request streamed by its own client thread; time to first token and
-inter-token latency per request from the arrival of its chunks; throughput = all new
-tokens / the wall time from the first request sent to the last token received.
+subprocess; every request streamed by its own client thread; time to first token per
+request from the arrival of its first chunk, inter-token latency (ITL) as the gaps
+between its chunks (a chunk holds the tokens of one engine call, serve.decode_steps of
+them, less any held back for a character or stop string not yet whole); throughput =
+all new tokens / the wall time from the first request sent to the last token received.
+The same requests also go through the engine in this process (`Engine.generate`, no
+HTTP): what the server costs beyond its engine.
 
 Static: the same model loaded in this process after the server has stopped, the same
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
 memory), each batch prefilled together and decoded on the device until its longest
 member is done; a request's first token comes with its batch's prefill, its later
-tokens at the batch's mean step time. Throughput counts each request's own tokens
-only (a batch's rows that ran past their own length produce nothing anyone asked for).
+tokens at the batch's mean step time (its ITL). Throughput counts each
+request's own tokens only (a batch's rows that ran past their own length produce nothing
+anyone asked for).
+
+Each side runs the workload --repeats times; the run of median wall time is reported.
 
 The last line is one JSON object.
 """
@@ -96,19 +103,50 @@ def continuous(checkpoint: str, args, requests) -> dict:
                 tokens = chunk.usage.completion_tokens
         return times, tokens
 
+    def run():
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            done = list(pool.map(lambda r: one(*r), requests))
+        wall = time.perf_counter() - t0
+        tokens = sum(t for _, t in done)
+        assert tokens == sum(n for _, n in requests), "a request made fewer tokens than asked"
+        return summary(tokens, wall, ttft=[times[0] - t0 for times, _ in done],
+                       itl=[b - a for times, _ in done for a, b in zip(times, times[1:])])
+
     one(*requests[0])  # one request first: connections, the first steps
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        done = list(pool.map(lambda r: one(*r), requests))
-    wall = time.perf_counter() - t0
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(120)
-    tokens = sum(t for _, t in done)
-    assert tokens == sum(n for _, n in requests), "a request produced fewer tokens than asked"
-    ttft = [times[0] - t0 for times, _ in done]
-    itl = [b - a for times, _ in done for a, b in zip(times, times[1:])]
+    try:
+        return median_run([run() for _ in range(args.repeats)])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def summary(tokens: int, wall: float, **latencies) -> dict:
     return {"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "ttft": percentiles(ttft), "itl": percentiles(itl)}
+            **{k: percentiles(v) for k, v in latencies.items()}}
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+
+
+def engine_alone(loaded, cfg, requests) -> dict:
+    """The same requests through the server's engine in this process, all submitted at
+    once (no HTTP, no streaming): its throughput."""
+    from train.inference.engine import Engine, Sampling
+    serve = cfg.serve
+    engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=-1,
+                    max_batch=serve.max_batch, max_len=serve.max_len,
+                    decode_steps=serve.decode_steps, prefill_rows=serve.prefill_rows)
+    prompts = [p for p, _ in requests]
+    each = [Sampling(max_tokens=n, ignore_eos=True) for _, n in requests]
+    engine.generate(prompts[:2], each[:2])  # the first steps
+
+    def run():
+        t0 = time.perf_counter()
+        done = engine.generate(prompts, each)
+        return summary(sum(len(r.tokens) for r in done), time.perf_counter() - t0)
+    return median_run([run() for _ in range(3)])
 
 
 def static(loaded, args, requests, rows: int) -> dict:
@@ -117,18 +155,19 @@ def static(loaded, args, requests, rows: int) -> dict:
     batches = [requests[i:i + rows] for i in range(0, len(requests), rows)]
     for batch in batches:  # compile each batch's shapes first (the server compiles too)
         gen.generate([p for p, _ in batch], max(n for _, n in batch))
-    ttft, itl, t = [], [], 0.0
-    for batch in batches:
-        out = gen.generate([p for p, _ in batch], max(n for _, n in batch))
-        steps = max(n for _, n in batch) - 1
-        step_s = out.decode_s / max(steps, 1)
-        for _, n in batch:
-            ttft.append(t + out.prefill_s)
-            itl += [step_s] * (n - 1)
-        t += out.prefill_s + out.decode_s
-    tokens = sum(n for _, n in requests)
-    return {"tokens": tokens, "wall_s": round(t, 3), "tokens_per_s": round(tokens / t, 1),
-            "ttft": percentiles(ttft), "itl": percentiles(itl), "batch_rows": rows}
+
+    def run():
+        ttft, itl, t = [], [], 0.0
+        for batch in batches:
+            out = gen.generate([p for p, _ in batch], max(n for _, n in batch))
+            steps = max(n for _, n in batch) - 1
+            step_s = out.decode_s / max(steps, 1)
+            for _, n in batch:
+                ttft.append(t + out.prefill_s)
+                itl += [step_s] * (n - 1)
+            t += out.prefill_s + out.decode_s
+        return summary(sum(n for _, n in requests), t, ttft=ttft, itl=itl)
+    return {**median_run([run() for _ in range(args.repeats)]), "batch_rows": rows}
 
 
 def main() -> None:
@@ -139,6 +178,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, nargs=2, default=[8, 96])
     p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 128])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
 
@@ -166,6 +206,7 @@ def main() -> None:
         cont = continuous(checkpoint, args, requests)
         loaded = load(checkpoint, cfg, args.overrides)
         stat = static(loaded, args, requests, cfg.serve.max_batch)
+        alone = engine_alone(loaded, cfg, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
     # every token over all slots (were prefill free and no slot ever idle)
     rows = cfg.serve.max_batch
@@ -174,18 +215,25 @@ def main() -> None:
     bound = round(static_steps / -(-sum(news) // rows), 2)
     result = {"requests": args.requests, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "seed": args.seed,
-              "max_batch": cfg.serve.max_batch, "devices": jax.device_count(),
+              "max_batch": cfg.serve.max_batch, "decode_steps": cfg.serve.decode_steps,
+              "repeats": args.repeats, "devices": jax.device_count(),
               "device": jax.devices()[0].device_kind, "continuous": cont, "static": stat,
+              "engine_alone": alone,
               "speedup": round(cont["tokens_per_s"] / stat["tokens_per_s"], 2),
+              "engine_alone_speedup": round(alone["tokens_per_s"] / stat["tokens_per_s"], 2),
               "step_bound": bound}
     for name, r in (("continuous", cont), ("static", stat)):
         print(f"{name:>10}: {r['tokens']} tokens in {r['wall_s']:.2f} s = "
               f"{r['tokens_per_s']:,.0f} tokens/s | TTFT p50 {r['ttft']['p50_ms']:.0f} ms p99 "
               f"{r['ttft']['p99_ms']:.0f} ms | ITL p50 {r['itl']['p50_ms']:.1f} ms p99 "
               f"{r['itl']['p99_ms']:.1f} ms")
-    print(f"continuous / static throughput: {result['speedup']:.2f}x (decode steps: static "
-          f"{static_steps}, continuous at least {-(-sum(news) // rows)}: a {bound:.2f}x bound "
-          "at equal step cost)")
+    print(f"    engine: {alone['tokens']} tokens in {alone['wall_s']:.2f} s = "
+          f"{alone['tokens_per_s']:,.0f} tokens/s (the server's engine in this process, "
+          "no HTTP)")
+    print(f"continuous / static throughput: {result['speedup']:.2f}x, engine alone "
+          f"{result['engine_alone_speedup']:.2f}x (decode steps: static {static_steps}, "
+          f"continuous at least {-(-sum(news) // rows)}: a {bound:.2f}x bound at equal step "
+          "cost)")
     print(json.dumps(result))
 
 

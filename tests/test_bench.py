@@ -79,3 +79,28 @@ def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
     assert summary["checks"] == {"cudnn-attention": "pass", "bf16-step": "pass",
                                  "generation": "pass", "bench gpt2-124m": "ran"}
     assert summary["bench"]["configs/gpt2-124m.yaml"]["tokens_per_step"] == 2 * 64
+
+
+@pytest.mark.once
+def test_serving_benchmark_runs_both_sides_on_its_workload(monkeypatch):
+    """scripts/bench_serve.py on the tiny model and a small workload (a smoke test, not
+    a timing assertion): the server, static batching and the engine alone each produce
+    every token asked for, and the printed step bound is the workload's, by hand."""
+    monkeypatch.syspath_prepend(f"{REPO}/scripts")
+    from bench_serve import workload
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_serve.py", "--config", "configs/tiny.yaml",
+         "--requests", "6", "--prompt-len", "2", "20", "--new-tokens", "2", "16",
+         "--repeats", "1", "serve.max_batch=2", "serve.max_len=64", "compile_cache_dir=null"],
+        cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    news = [n for _, n in workload(6, (2, 20), (2, 16), 256, 0)]
+    assert 16 in news and 2 in news
+    for side in ("continuous", "static", "engine_alone"):
+        assert result[side]["tokens"] == sum(news), side
+    # static: each pair's longer; continuous: every token over 2 slots
+    static_steps = sum(max(news[i:i + 2]) for i in range(0, 6, 2))
+    assert result["step_bound"] == round(static_steps / -(-sum(news) // 2), 2)
+    assert result["speedup"] == round(result["continuous"]["tokens_per_s"]
+                                      / result["static"]["tokens_per_s"], 2)

@@ -143,6 +143,11 @@ def test_greedy_completions_equal_train_generate_streamed_and_not(server, chat_r
     got = [p + complete(client, p).choices[0].text for p in prompts]
     assert got == expected
     assert [p + streamed(client, p)[0] for p in prompts] == expected
+    # an engine call's 4 tokens (serve.decode_steps) go out in one chunk: 12 tokens are
+    # the prefill's first, then calls of 4, 4 and 3, at most 4 chunks
+    texts = [c.choices[0].text for c in complete(client, prompts[1], stream=True)]
+    assert "".join(texts) == expected[1][len(prompts[1]):]
+    assert 1 <= sum(bool(t) for t in texts) <= 4, texts
     assert expected[0][len(prompts[0]):].startswith("Thanks, noted.")  # the trained reply
 
 

@@ -76,17 +76,18 @@ class QueueFull(Exception):
 
 
 class Request:
-    """A prompt being served. Its new tokens go to `on_token(id)` as they come (EOS and
-    the `stop_ids` that end it, e.g. a chat template's end of turn, are not among them),
-    and its end to `on_finish(reason)`: "stop" (EOS, a stop id), "length" (max_tokens)
-    or "cancelled". Both are called from the engine's thread."""
+    """A prompt being served. Its new tokens go to `on_tokens(ids)` as they come, those
+    of one engine call together (EOS and the `stop_ids` that end it, e.g. a chat
+    template's end of turn, are not among them), and its end to `on_finish(reason)`:
+    "stop" (EOS, a stop id), "length" (max_tokens) or "cancelled". Both are called from
+    the engine's thread."""
 
     def __init__(self, prompt: list[int], sampling: Sampling,
-                 on_token: Callable[[int], None] | None = None,
+                 on_tokens: Callable[[list[int]], None] | None = None,
                  on_finish: Callable[[str], None] | None = None,
                  stop_ids: frozenset[int] = frozenset()):
         self.prompt, self.sampling = list(prompt), sampling
-        self.on_token, self.on_finish = on_token, on_finish
+        self.on_tokens, self.on_finish = on_tokens, on_finish
         self.stop_ids = frozenset(stop_ids)
         self.id = -1  # set by Engine.submit (process 0's numbering)
         self.tokens: list[int] = []
@@ -98,10 +99,10 @@ class Request:
         """Stop it at the engine's next step (thread-safe); its slot is freed then."""
         self._cancel = True
 
-    def _emit(self, token: int) -> None:
-        self.tokens.append(token)
-        if self.on_token is not None:
-            self.on_token(token)
+    def _emit(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+        if self.on_tokens is not None:
+            self.on_tokens(tokens)
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
@@ -427,7 +428,7 @@ class Engine:
             self.slot_ints[:, b] = r.sampling.seed, r.sampling.top_k
             self.slot_floats[:, b] = r.sampling.temperature, r.sampling.top_p
             self._slots_on_device = None
-            self._take(b, int(first[i]))
+            self._take(b, [int(first[i])])
         return P * C
 
     def _decode_step(self) -> None:
@@ -446,19 +447,23 @@ class Engine:
         self.slot_state[0] = tokens_KB[-1]
         self.slot_state[1:] += self.K
         for b in range(self.B):
-            for token in tokens_KB[:, b]:
-                if self.slot_req[b] is None:
-                    break
-                self._take(b, int(token))
+            if self.slot_req[b] is not None:
+                self._take(b, tokens_KB[:, b].tolist())
 
-    def _take(self, b: int, token: int) -> None:
-        """Slot b's request got `token`: pass it on, or end the request and free the slot."""
-        r = self.slot_req[b]
-        if (token == self.eos_id and not r.sampling.ignore_eos) or token in r.stop_ids:
+    def _take(self, b: int, tokens: list[int]) -> None:
+        """Slot b's request got `tokens` (one call's): pass on those before its end (EOS,
+        a stop id, max_tokens), and if it ended, finish it and free the slot."""
+        r, kept, reason = self.slot_req[b], [], None
+        for token in tokens:
+            if (token == self.eos_id and not r.sampling.ignore_eos) or token in r.stop_ids:
+                reason = "stop"
+                break
+            kept.append(token)
+            if len(r.tokens) + len(kept) >= r.sampling.max_tokens:
+                reason = "length"
+                break
+        if kept:
+            r._emit(kept)
+        if reason is not None:
             self.slot_req[b] = None
-            r._finish("stop")
-            return
-        r._emit(token)
-        if len(r.tokens) >= r.sampling.max_tokens:
-            self.slot_req[b] = None
-            r._finish("length")
+            r._finish(reason)

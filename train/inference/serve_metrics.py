@@ -54,10 +54,11 @@ class ServeMetrics:
         self.slots_busy.set_function(lambda: engine.slots_busy)
         self.slots.set(engine.B)
 
-    def token(self, now: float) -> None:
-        self.generated_tokens.inc()
+    def token(self, now: float, count: int = 1) -> None:
+        """`count` new tokens that arrived at `now`."""
+        self.generated_tokens.inc(count)
         with self._lock:
-            self._times.append(now)
+            self._times.extend([now] * count)
 
     def _rate(self) -> float:
         now = time.perf_counter()

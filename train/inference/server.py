@@ -96,7 +96,7 @@ class Results:
         self.gens = []
         for i, ids in enumerate(prompts):
             request = Request(ids, sampling, stop_ids=stop_ids,
-                              on_token=lambda t, i=i: self._emit("token", i, t),
+                              on_tokens=lambda ts, i=i: self._emit("tokens", i, ts),
                               on_finish=lambda r, i=i: self._finished(i, r))
             self.gens.append(Generation(request, TextStream(service.tok.decode, stops)))
 
@@ -138,37 +138,58 @@ class Results:
 
     async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason or None) until every prompt has ended;
-        it ends early, cancelling the rest, when the client goes away."""
-        metrics, live = self.service.metrics, len(self.gens)
+        it ends early, cancelling the rest, when the client goes away. The tokens that
+        arrived together (an engine call decodes several) go out as one text."""
+        live = len(self.gens)
         try:
             while live:
                 try:
-                    kind, i, value, now = await asyncio.wait_for(self.queue.get(), POLL_S)
+                    arrived = [await asyncio.wait_for(self.queue.get(), POLL_S)]
                 except asyncio.TimeoutError:
                     if await self.disconnected():
                         return
                     continue
-                g = self.gens[i]
-                if g.reason is not None:  # ended by a stop string: the cancel's echo
-                    continue
-                if kind == "token":
-                    since = now - (self.arrived if g.last is None else g.last)
-                    (metrics.ttft if g.last is None else metrics.itl).observe(since)
-                    metrics.token(now)
-                    g.count, g.last = g.count + 1, now
-                    text = g.stream.push(value)
-                    if not g.stream.stopped:
-                        if text:
-                            yield i, text, None
-                        continue
-                    value = g.reason = "stop"  # before the cancel: see _finished
-                    g.request.cancel()
-                else:
-                    text = g.stream.finish()
-                g.reason, live = value, live - 1
-                yield i, text, value
+                while not self.queue.empty():
+                    arrived.append(self.queue.get_nowait())
+                texts: dict[int, str] = {}  # each choice's text not yet sent
+                for kind, i, value, now in arrived:
+                    text, reason = self._take(kind, i, value, now)
+                    texts[i] = texts.get(i, "") + text
+                    if reason is not None:
+                        live -= 1
+                        yield i, texts.pop(i), reason
+                for i, text in texts.items():
+                    if text:
+                        yield i, text, None
         finally:
             self.cancel()
+
+    def _take(self, kind: str, i: int, value, now: float) -> tuple[str, str | None]:
+        """One event of choice i: (its new text, its finish reason or None)."""
+        g, metrics = self.gens[i], self.service.metrics
+        if g.reason is not None:  # ended by a stop string: the cancel's echo
+            return "", None
+        if kind == "tokens":  # arrived together: the first after a wait, the rest at once
+            texts = []
+            for token in value:  # up to the one that completes a stop string
+                texts.append(g.stream.push(token))
+                if g.stream.stopped:
+                    break
+            since = now - (self.arrived if g.last is None else g.last)
+            (metrics.ttft if g.last is None else metrics.itl).observe(since)
+            for _ in texts[1:]:
+                metrics.itl.observe(0.0)
+            metrics.token(now, len(texts))
+            g.count, g.last = g.count + len(texts), now
+            text = "".join(texts)
+            if not g.stream.stopped:
+                return text, None
+            value = g.reason = "stop"  # before the cancel: see _finished
+            g.request.cancel()
+        else:
+            text = g.stream.finish()
+        g.reason = value
+        return text, value
 
 
 # ---------------------------------------------------------------------- request bodies
