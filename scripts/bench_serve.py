@@ -3,6 +3,7 @@ against static batching (train.generate's Generator) on the same prompts.
 
     python scripts/bench_serve.py [--checkpoint PATH] [--config X.yaml key=value ...]
         [--requests 32] [--prompt-len 8 96] [--new-tokens 16 128] [--seed 0] [--repeats 3]
+        [--no-server]
 
 The workload is fixed by --seed: --requests requests, each with a prompt of random token
 ids and a number of new tokens, both drawn log-uniformly from their ranges (8x and more
@@ -17,7 +18,8 @@ between its chunks (a chunk holds the tokens of one engine call, serve.decode_st
 them, less any held back for a character or stop string not yet whole); throughput =
 all new tokens / the wall time from the first request sent to the last token received.
 The same requests also go through the engine in this process (`Engine.generate`, no
-HTTP): what the server costs beyond its engine.
+HTTP): what the server costs beyond its engine. `--no-server` measures only that and
+static batching (jax and flax alone: scripts/gpu_check.py runs it on a GPU image).
 
 Static: the same model loaded in this process after the server has stopped, the same
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -179,6 +182,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 128])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
+    p.add_argument("--no-server", action="store_true",
+                   help="static batching and the engine alone, no HTTP server")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
 
@@ -186,25 +191,29 @@ def main() -> None:
 
     from train import startup
     from train.config import load_config
-    from train.inference.export import write_export
-    from train.inference.load import load
     cfg = load_config(args.config, args.overrides)
     startup.start(cfg, processes=False)
+    vocab = min(256, cfg.model.vocab_size or 256)
+    requests = workload(args.requests, tuple(args.prompt_len), tuple(args.new_tokens), vocab,
+                        args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
+        checkpoint, loaded = args.checkpoint, None
         if checkpoint is None:  # a random model, as an export the server can read
             sys.path.insert(0, os.path.join(ROOT, "scripts"))
             from bench_decode import random_model
             from flax import nnx
-            model, _ = random_model(cfg)
-            checkpoint = os.path.join(tmp, "random")
-            write_export(checkpoint, nnx.state(model, nnx.Param), cfg, {"step": 0})
+            model, p = random_model(cfg)
+            if args.no_server:
+                loaded = types.SimpleNamespace(model=model, mesh=p.mesh, rules=p.rules)
+            else:
+                from train.inference.export import write_export
+                checkpoint = os.path.join(tmp, "random")
+                write_export(checkpoint, nnx.state(model, nnx.Param), cfg, {"step": 0})
             del model
-        vocab = min(256, cfg.model.vocab_size or 256)
-        requests = workload(args.requests, tuple(args.prompt_len), tuple(args.new_tokens),
-                            vocab, args.seed)
-        cont = continuous(checkpoint, args, requests)
-        loaded = load(checkpoint, cfg, args.overrides)
+        cont = None if args.no_server else continuous(checkpoint, args, requests)
+        if loaded is None:
+            from train.inference.load import load
+            loaded = load(checkpoint, cfg, args.overrides)
         stat = static(loaded, args, requests, cfg.serve.max_batch)
         alone = engine_alone(loaded, cfg, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
@@ -219,10 +228,10 @@ def main() -> None:
               "repeats": args.repeats, "devices": jax.device_count(),
               "device": jax.devices()[0].device_kind, "continuous": cont, "static": stat,
               "engine_alone": alone,
-              "speedup": round(cont["tokens_per_s"] / stat["tokens_per_s"], 2),
+              "speedup": cont and round(cont["tokens_per_s"] / stat["tokens_per_s"], 2),
               "engine_alone_speedup": round(alone["tokens_per_s"] / stat["tokens_per_s"], 2),
               "step_bound": bound}
-    for name, r in (("continuous", cont), ("static", stat)):
+    for name, r in (("continuous", cont), ("static", stat))[args.no_server:]:
         print(f"{name:>10}: {r['tokens']} tokens in {r['wall_s']:.2f} s = "
               f"{r['tokens_per_s']:,.0f} tokens/s | TTFT p50 {r['ttft']['p50_ms']:.0f} ms p99 "
               f"{r['ttft']['p99_ms']:.0f} ms | ITL p50 {r['itl']['p50_ms']:.1f} ms p99 "
@@ -230,7 +239,8 @@ def main() -> None:
     print(f"    engine: {alone['tokens']} tokens in {alone['wall_s']:.2f} s = "
           f"{alone['tokens_per_s']:,.0f} tokens/s (the server's engine in this process, "
           "no HTTP)")
-    print(f"continuous / static throughput: {result['speedup']:.2f}x, engine alone "
+    print(("" if args.no_server else f"continuous / static throughput: "
+           f"{result['speedup']:.2f}x, ") + "engine alone / static: "
           f"{result['engine_alone_speedup']:.2f}x (decode steps: static {static_steps}, "
           f"continuous at least {-(-sum(news) // rows)}: a {bound:.2f}x bound at equal step "
           "cost)")

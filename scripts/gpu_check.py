@@ -13,7 +13,9 @@ Checks (each one row: pass/FAIL and its measured figure):
   generation       greedy KV-cache generation of mixed-length prompts equals each prompt
                    alone, and the cached logits equal the full forward pass
 Benchmarks: scripts/bench.py on configs/gpt2-124m.yaml and configs/gpt2-1.3b.yaml (the
-one-GPU targets of docs/benchmarks.md), each in its own process.
+one-GPU targets of docs/benchmarks.md), each in its own process; then serving, scripts/
+bench_serve.py --no-server on GPT-2 124M: the continuous-batching engine against static
+batching on the benchmark's 32 mixed-length requests (the image has no HTTP stack).
 """
 
 from __future__ import annotations
@@ -154,6 +156,24 @@ def bench(config: str, smoke: bool) -> tuple[bool, str, dict | None]:
                   f"({seconds:.0f} s in all)"), r
 
 
+def bench_serve(smoke: bool) -> tuple[bool, str, dict | None]:
+    args = ["--config", "configs/tiny.yaml", "--requests", "4", "--new-tokens", "2", "8",
+            "--prompt-len", "2", "16", "--repeats", "1", "serve.max_batch=2"] if smoke else \
+        ["--config", "configs/gpt2-124m.yaml", "serve.max_len=256"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--no-server", *args,
+                           "compile_cache_dir=null"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return False, f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}", None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return True, (f"engine {r['engine_alone']['tokens_per_s']:,.0f} tokens/s, static "
+                  f"{r['static']['tokens_per_s']:,.0f} tokens/s: "
+                  f"{r['engine_alone_speedup']:.2f}x (step bound {r['step_bound']:.2f}x; "
+                  f"{seconds:.0f} s in all)"), r
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true",
@@ -184,6 +204,9 @@ def main() -> None:
         results[config] = r
         rows.append((f"bench {Path(config).stem}", "ran" if ok else "FAIL", detail))
         print(" | ".join(rows[-1]), flush=True)
+    ok, detail, results["serve"] = bench_serve(args.smoke)
+    rows.append(("bench serve", "ran" if ok else "FAIL", detail))
+    print(" | ".join(rows[-1]), flush=True)
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"{n:<{width}}  {s:<4}  {d}" for n, s, d in rows))
     print(json.dumps({"device": device.device_kind, "jax": jax.__version__,

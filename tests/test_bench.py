@@ -77,8 +77,12 @@ def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["checks"] == {"cudnn-attention": "pass", "bf16-step": "pass",
-                                 "generation": "pass", "bench gpt2-124m": "ran"}
+                                 "generation": "pass", "bench gpt2-124m": "ran",
+                                 "bench serve": "ran"}
     assert summary["bench"]["configs/gpt2-124m.yaml"]["tokens_per_step"] == 2 * 64
+    serve = summary["bench"]["serve"]
+    assert serve["continuous"] is None and serve["static"]["tokens"] == \
+        serve["engine_alone"]["tokens"] > 0
 
 
 @pytest.mark.once
