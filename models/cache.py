@@ -69,7 +69,7 @@ class KVCache:
             k_LBSKH, v_LBSKH = (_write_rows(c, x.astype(dt), layer, self.index)
                                 for c, x in ((self.k_LBSKH, k_BTKH), (self.v_LBSKH, v_BTKH)))
         return self.replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
-                             v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
+                            v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array]:
         """(B, S, K, H) keys and values of one layer (S: the span, if one is set)."""
@@ -102,7 +102,7 @@ def copy_row(into: KVCache, row, source: KVCache, source_row) -> KVCache:
         return jax.lax.dynamic_update_slice(c_LBSKH, one_L1SKH.astype(c_LBSKH.dtype),
                                             (0, row, 0, 0, 0))
     return into.replace(k_LBSKH=put(into.k_LBSKH, source.k_LBSKH),
-                         v_LBSKH=put(into.v_LBSKH, source.v_LBSKH))
+                        v_LBSKH=put(into.v_LBSKH, source.v_LBSKH))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, constrain: Constrain,

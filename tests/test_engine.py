@@ -149,6 +149,8 @@ def test_requests_over_the_cache_or_with_bad_settings_are_refused(engine):
         engine.submit(Request(PROMPTS[1], Sampling(max_tokens=21)))
     with pytest.raises(InputError, match="top_p in"):
         engine.submit(Request(PROMPTS[1], Sampling(top_p=0)))
+    with pytest.raises(InputError, match="below 2..31"):
+        engine.submit(Request(PROMPTS[1], Sampling(seed=2**31)))
     with pytest.raises(InputError, match="no tokens"):
         engine.submit(Request([], Sampling()))
     model, mesh, rules = built("llama")

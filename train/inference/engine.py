@@ -14,9 +14,9 @@ it gets does not depend on what else is in the batch.
 Programs of fixed shapes, compiled when the engine is built (prefill a chunk, one per
 chunk length bucket; copy a row; decode `decode_steps` steps): serving never compiles
 again. Attention reads only the first cache slots that hold anything: a prompt's first
-chunk attends within the chunk, and decoding over the shortest of a few spans (the
-cache's whole length, a half, a quarter) that holds every decoding row's slots; each
-span is a program of its own.
+chunk attends within the chunk, and decoding over the shortest of a few spans (a
+quarter, a half, three quarters or all of the cache) that holds every decoding row's
+slots; each span is a program of its own.
 
 Shapes: B decode slots, P prefill rows, C chunk, S cache slots, K decode steps per
 call, V vocab.
@@ -60,6 +60,9 @@ class Sampling:
             raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
+        if not 0 <= self.seed < 2**31 or self.top_k >= 2**31:
+            raise InputError(f"seed={self.seed} and top_k={self.top_k} must be below 2**31 "
+                             "(int32 on the device)")
 
 
 @dataclasses.dataclass
@@ -213,7 +216,8 @@ class Engine:
         return tokens_KB, cache.within(None), slots_3B
 
     def _compile(self, model) -> None:
-        """The three programs, compiled now for their only shapes."""
+        """The programs (prefill per chunk length and span, decode per span, copy a
+        row), compiled now for their only shapes."""
         def empty(rows, length):  # a slot index per row, as the programs leave it
             return jax.jit(lambda: model.init_cache(rows, length).at(
                 jnp.zeros(rows, jnp.int32)))()
