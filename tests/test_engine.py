@@ -31,9 +31,9 @@ def mesh_model():
 
 @pytest.fixture(scope="module", params=[(1, None, 4), (3, 8, 16)], ids=["1-step", "3-steps"])
 def engine(mesh_model, request):
-    """One decode step per call, 4 prefill rows (the batch ways), 4-token chunks; or 3
-    steps per call (a request may end inside a call), 8 rows, chunks of 16 or 8 tokens
-    (the shortest that holds what is left)."""
+    """One decode step per call, 4 prefill rows (the batch ways), 4-token chunks; or up
+    to 3 steps per call (fewer where a request reaches its limit sooner), 8 rows, chunks
+    of 16 or 8 tokens (the shortest that holds what is left)."""
     model, mesh, rules = mesh_model
     steps, rows, chunk = request.param
     return Engine(model, mesh, rules, eos_id=EOS, vocab_limit=127, max_batch=4, max_len=40,
@@ -60,12 +60,18 @@ def count_compiles():
 
 def spans_used(engine):
     """The engine's programs wrapped to count the attention spans they are called
-    with: {"decode": Counter(span), "prefill": Counter((chunk, span))}, and a restore."""
-    used = {"decode": collections.Counter(), "prefill": collections.Counter()}
+    with and the steps of decode calls: {"decode": Counter(span), "prefill":
+    Counter((chunk, span)), "steps": Counter(steps)}, and a restore."""
+    used = {kind: collections.Counter() for kind in ("decode", "prefill", "steps")}
     kept = engine._decode_fns, engine._prefill_fns
 
     def counted(kind, key, fn):
-        return lambda *args: (used[kind].update([key]), fn(*args))[1]
+        def call(*args):
+            used[kind].update([key])
+            if kind == "decode":
+                used["steps"].update([int(np.asarray(args[-1]))])
+            return fn(*args)
+        return call
     engine._decode_fns = {k: counted("decode", k, f) for k, f in kept[0].items()}
     engine._prefill_fns = {k: counted("prefill", k, f) for k, f in kept[1].items()}
 
@@ -78,7 +84,8 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, stati
     """Ten requests of 1 to 20 prompt tokens and 1 to 16 new ones through 4 slots:
     each gets the static batch's greedy tokens, cut to its own limit; none compiles.
     Attention reads the shortest span of the cache that holds every row (20 or 30 of
-    the 40 slots here; a first chunk within itself, later ones all the prefill cache)."""
+    the 40 slots here; a first chunk within itself, later ones all the prefill cache).
+    With 3 steps per call, calls are cut short where a request reaches its limit."""
     assert (engine.B, engine.S) == (4, 40)
     assert (engine.P, engine.buckets) in ((4, [4]), (8, [8, 16]))
     assert engine.spans == [20, 30, 40]
@@ -94,6 +101,7 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, stati
         assert r.tokens == want[:n] and r.finish_reason == "length"
     assert {20, 30} <= set(used["decode"])
     assert {span == chunk for chunk, span in used["prefill"]} == {True, False}
+    assert set(used["steps"]) == ({1} if engine.K == 1 else {1, 2, 3})
     assert engine.busy == 0 and all(r is None for r in engine.slot_req)
 
 
@@ -101,7 +109,7 @@ def test_eos_ends_a_request_and_is_not_one_of_its_tokens(mesh_model, static):
     model, mesh, rules = mesh_model
     eos = static[0][4]  # the fifth token of the first prompt's continuation
     eng = Engine(model, mesh, rules, eos_id=eos, vocab_limit=127, max_batch=4, max_len=40,
-                 chunk=4)
+                 chunk=4, decode_steps=3)  # EOS ends the first request inside a call
     want = Generator(model, mesh, rules, eos_id=eos, vocab_limit=127).generate(
         PROMPTS[:4], 12)
     done = eng.generate(PROMPTS[:4], Sampling(max_tokens=12))

@@ -229,8 +229,9 @@ class ServeConfig:
     max_batch: int = 8
     max_len: Optional[int] = None
     max_queue: int = 64  # requests waiting for a slot; one more is answered 429
-    # decode steps per call of the device (tokens stream in bursts of this many; new
-    # requests join between calls): fewer host round trips per token
+    # decode steps per call of the device, fewer when a request reaches max_tokens
+    # sooner (tokens stream in bursts of up to this many; new requests join between
+    # calls): fewer host round trips per token
     decode_steps: int = 4
     prefill_rows: Optional[int] = None  # requests prefilled at once (null: batch ways)
     drain_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish

@@ -12,11 +12,11 @@ settings and seed: token i of a request is drawn with key fold_in(key(seed), i),
 it gets does not depend on what else is in the batch.
 
 Programs of fixed shapes, compiled when the engine is built (prefill a chunk, one per
-chunk length bucket; copy a row; decode `decode_steps` steps): serving never compiles
-again. Attention reads only the first cache slots that hold anything: a prompt's first
-chunk attends within the chunk, and decoding over the shortest of a few spans (a
-quarter, a half, three quarters or all of the cache) that holds every decoding row's
-slots; each span is a program of its own.
+chunk length bucket; copy a row; decode up to `decode_steps` steps, fewer when a request
+reaches its max_tokens sooner): serving never compiles again. Attention reads only the
+first cache slots that hold anything: a prompt's first chunk attends within the chunk,
+and decoding over the shortest of a few spans (a quarter, a half, three quarters or all
+of the cache) that holds every decoding row's slots; each span is a program of its own.
 
 Shapes: B decode slots, P prefill rows, C chunk, S cache slots, K decode steps per
 call, V vocab.
@@ -198,21 +198,23 @@ class Engine:
         first_P = self._pick(logits_PV, jnp.zeros_like(start_P), ints_4P[2:], floats_2P)
         return self._replicated(first_P), cache.within(None)
 
-    def _decode(self, params, cache, slots_3B, ints_2B, floats_2B, *, span):
-        """K decode steps, each feeding the token it picks to the next, attending to
-        the cache's first `span` slots. slots_3B: each slot's token to feed, next cache
-        slot, draws so far; ints_2B, floats_2B: its sampling settings. Returns tokens_KB,
-        the cache and slots_3B after them."""
+    def _decode(self, params, cache, slots_3B, ints_2B, floats_2B, steps, *, span):
+        """`steps` (1 to K) decode steps, each feeding the token it picks to the next,
+        attending to the cache's first `span` slots. slots_3B: each slot's token to
+        feed, next cache slot, draws so far; ints_2B, floats_2B: its sampling settings.
+        Returns tokens_KB (rows past `steps` are 0), the cache and slots_3B after them."""
         model = nnx.merge(self.graphdef, params)
 
-        def step(carry, _):
-            cache, (tokens_B, pos_B, counts_B) = carry
+        def step(k, carry):
+            cache, (tokens_B, pos_B, counts_B), tokens_KB = carry
             logits_BV, cache = model.extend(tokens_B[:, None], cache.at(pos_B))
             next_B = self._pick(logits_BV, counts_B, ints_2B, floats_2B)
-            return (cache, jnp.stack([next_B, pos_B + 1, counts_B + 1])), next_B
+            tokens_KB = jax.lax.dynamic_update_index_in_dim(tokens_KB, next_B, k, axis=0)
+            return cache, jnp.stack([next_B, pos_B + 1, counts_B + 1]), tokens_KB
 
-        (cache, slots_3B), tokens_KB = jax.lax.scan(
-            step, (cache.within(span), slots_3B), None, length=self.K)
+        tokens_KB = jnp.zeros((self.K, slots_3B.shape[1]), jnp.int32)
+        cache, slots_3B, tokens_KB = jax.lax.fori_loop(
+            0, steps, step, (cache.within(span), slots_3B, tokens_KB))
         return tokens_KB, cache.within(None), slots_3B
 
     def _compile(self, model) -> None:
@@ -239,7 +241,7 @@ class Engine:
         self._decode_fns = {span: decode.lower(
             self.params, self.cache, self._global(np.zeros((3, B), i32)),
             self._global(np.zeros((2, B), i32)), self._global(np.zeros((2, B), f32)),
-            span=span).compile() for span in self.spans}
+            self._global(np.int32(1)), span=span).compile() for span in self.spans}
         self._copy_fn = jax.jit(  # rows_2: the slot, the prefill row
             lambda into, rows_2, source: copy_row(into, rows_2[0], source, rows_2[1]),
             donate_argnums=(0,), out_shardings=cache_shardings).lower(
@@ -440,19 +442,21 @@ class Engine:
             self._slots_on_device = tuple(map(self._global, (
                 self.slot_state, self.slot_ints, self.slot_floats)))
         state, ints, floats = self._slots_on_device
+        decoding = [(b, r) for b, r in enumerate(self.slot_req) if r is not None]
+        # K steps, or fewer when a request reaches its max_tokens sooner: its slot is
+        # not left idle for the rest of the call
+        steps = min([self.K] + [r.sampling.max_tokens - len(r.tokens) for _, r in decoding])
         # the shortest span that holds the slots every decoding row writes in this call
-        need = max(int(self.slot_state[1, b]) for b, r in enumerate(self.slot_req)
-                   if r is not None) + self.K
+        need = max(int(self.slot_state[1, b]) for b, _ in decoding) + steps
         span = next((s for s in self.spans if s >= need), self.S)
         tokens_KB, self.cache, state = self._decode_fns[span](
-            self.params, self.cache, state, ints, floats)
+            self.params, self.cache, state, ints, floats, self._global(np.int32(steps)))
         self._slots_on_device = (state, ints, floats)
-        tokens_KB = np.asarray(tokens_KB.addressable_data(0))
+        tokens_KB = np.asarray(tokens_KB.addressable_data(0))[:steps]
         self.slot_state[0] = tokens_KB[-1]
-        self.slot_state[1:] += self.K
-        for b in range(self.B):
-            if self.slot_req[b] is not None:
-                self._take(b, tokens_KB[:, b].tolist())
+        self.slot_state[1:] += steps
+        for b, _ in decoding:
+            self._take(b, tokens_KB[:, b].tolist())
 
     def _take(self, b: int, tokens: list[int]) -> None:
         """Slot b's request got `tokens` (one call's): pass on those before its end (EOS,
