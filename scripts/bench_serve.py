@@ -25,9 +25,9 @@ Static: the same model loaded in this process after the server has stopped, the 
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
 memory), each batch prefilled together and decoded on the device until its longest
 member is done; a request's first token comes with its batch's prefill, its later
-tokens at the batch's mean step time (its ITL). Throughput counts each
-request's own tokens only (a batch's rows that ran past their own length produce nothing
-anyone asked for).
+tokens at the batch's mean step time (its ITL). Throughput counts each request's own
+tokens only (a batch's rows that ran past their own length produce nothing anyone asked
+for).
 
 Each side runs the workload --repeats times; the run of median wall time is reported.
 
@@ -133,7 +133,7 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
 
 
-def engine_alone(loaded, cfg, requests) -> dict:
+def engine_alone(loaded, cfg, args, requests) -> dict:
     """The same requests through the server's engine in this process, all submitted at
     once (no HTTP, no streaming): its throughput."""
     from train.inference.engine import Engine, Sampling
@@ -149,7 +149,7 @@ def engine_alone(loaded, cfg, requests) -> dict:
         t0 = time.perf_counter()
         done = engine.generate(prompts, each)
         return summary(sum(len(r.tokens) for r in done), time.perf_counter() - t0)
-    return median_run([run() for _ in range(3)])
+    return median_run([run() for _ in range(args.repeats)])
 
 
 def static(loaded, args, requests, rows: int) -> dict:
@@ -215,7 +215,7 @@ def main() -> None:
             from train.inference.load import load
             loaded = load(checkpoint, cfg, args.overrides)
         stat = static(loaded, args, requests, cfg.serve.max_batch)
-        alone = engine_alone(loaded, cfg, requests)
+        alone = engine_alone(loaded, cfg, args, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
     # every token over all slots (were prefill free and no slot ever idle)
     rows = cfg.serve.max_batch
