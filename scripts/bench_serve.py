@@ -137,10 +137,7 @@ def engine_alone(loaded, cfg, args, requests) -> dict:
     """The same requests through the server's engine in this process, all submitted at
     once (no HTTP, no streaming): its throughput."""
     from train.inference.engine import Engine, Sampling
-    serve = cfg.serve
-    engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=-1,
-                    max_batch=serve.max_batch, max_len=serve.max_len,
-                    decode_steps=serve.decode_steps, prefill_rows=serve.prefill_rows)
+    engine = Engine.of_config(loaded.model, loaded.mesh, loaded.rules, cfg.serve, eos_id=-1)
     prompts = [p for p, _ in requests]
     each = [Sampling(max_tokens=n, ignore_eos=True) for _, n in requests]
     engine.generate(prompts[:2], each[:2])  # the first steps

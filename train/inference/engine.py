@@ -117,6 +117,14 @@ class Request:
 class Engine:
     """Continuous-batching generation with a sharded model (see the module's text)."""
 
+    @classmethod
+    def of_config(cls, model, mesh, rules, serve, **kwargs) -> "Engine":
+        """An engine with the config's serve.* slots, cache length, queue limit, steps
+        per call and prefill rows (`serve`: a ServeConfig); kwargs as for Engine."""
+        return cls(model, mesh, rules, max_batch=serve.max_batch, max_len=serve.max_len,
+                   max_queue=serve.max_queue, decode_steps=serve.decode_steps,
+                   prefill_rows=serve.prefill_rows, **kwargs)
+
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
                  max_batch: int = 8, max_len: int | None = None, chunk: int | None = None,
                  max_queue: int | None = None, decode_steps: int = 1,
@@ -238,10 +246,12 @@ class Engine:
         decode = jax.jit(  # outputs laid out as the inputs they become next
             self._decode, donate_argnums=(1, 2), static_argnames=("span",),
             out_shardings=(rep, cache_shardings, rep))
+        # a call's step count, 1 to K, uploaded once here rather than on every call
+        self._steps_on_device = {k: self._global(np.int32(k)) for k in range(1, self.K + 1)}
         self._decode_fns = {span: decode.lower(
             self.params, self.cache, self._global(np.zeros((3, B), i32)),
             self._global(np.zeros((2, B), i32)), self._global(np.zeros((2, B), f32)),
-            self._global(np.int32(1)), span=span).compile() for span in self.spans}
+            self._steps_on_device[1], span=span).compile() for span in self.spans}
         self._copy_fn = jax.jit(  # rows_2: the slot, the prefill row
             lambda into, rows_2, source: copy_row(into, rows_2[0], source, rows_2[1]),
             donate_argnums=(0,), out_shardings=cache_shardings).lower(
@@ -450,7 +460,7 @@ class Engine:
         need = max(int(self.slot_state[1, b]) for b, _ in decoding) + steps
         span = next((s for s in self.spans if s >= need), self.S)
         tokens_KB, self.cache, state = self._decode_fns[span](
-            self.params, self.cache, state, ints, floats, self._global(np.int32(steps)))
+            self.params, self.cache, state, ints, floats, self._steps_on_device[steps])
         self._slots_on_device = (state, ints, floats)
         tokens_KB = np.asarray(tokens_KB.addressable_data(0))[:steps]
         self.slot_state[0] = tokens_KB[-1]

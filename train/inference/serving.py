@@ -81,12 +81,10 @@ def build_engine(cfg, args):
     process builds it (the load and the compiles are collective)."""
     loaded = load(args.checkpoint, cfg, args.overrides)
     tok = find_tokenizer(loaded, args.tokenizer)
-    s = cfg.serve
-    engine = Engine(loaded.model, loaded.mesh, loaded.rules, eos_id=tok.eos_id,
-                    vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
-                    max_batch=s.max_batch, max_len=s.max_len, max_queue=s.max_queue,
-                    decode_steps=s.decode_steps, prefill_rows=s.prefill_rows,
-                    peers=Peers.of_this_run())
+    engine = Engine.of_config(loaded.model, loaded.mesh, loaded.rules, cfg.serve,
+                              eos_id=tok.eos_id,
+                              vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
+                              peers=Peers.of_this_run())
     return engine, tok, loaded
 
 
