@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import head, layers, lora
+from models import head, layers, lora, quantize
 from models.block import block
 from models.cache import KVCache, init_cache
 from models.config import ModelConfig
@@ -142,11 +142,14 @@ class StackedBlocks(nnx.Module):
 
         def body(p, x_BTD, layer, cache):
             # weight matrices in the compute dtype, gathered (the experts' inside their
-            # layer, models/moe.py); norm scales stay fp32
-            p = {k: v if v.ndim < 2 else layers.for_compute(_cast_here(v, dt, layer), axes[k],
-                                                            dt, constrain,
-                                                            gather="experts" not in axes[k])
+            # layer, models/moe.py); norm scales stay fp32. An int8 weight moves as int8
+            # and is turned into the compute dtype here, times its scales (quantize.py)
+            p, scales = quantize.split_scales(p)
+            p = {k: v if v.ndim < 2 else layers.for_compute(
+                     _cast_here(v, dt, layer), axes[k], v.dtype if k in scales else dt,
+                     constrain, gather="experts" not in axes[k])
                  for k, v in p.items()}
+            p |= {k: quantize.dequantize(p[k], s, dt) for k, s in scales.items()}
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             return block(cfg, constrain, p, x_BTD, positions_BT, segment_ids_BT, cache, layer,
                          key)

@@ -211,6 +211,9 @@ def main() -> None:
         if loaded is None:
             from train.inference.load import load
             loaded = load(checkpoint, cfg, args.overrides)
+        if cfg.serve.quantize:  # static batching serves the same weights as the server
+            from models.quantize import quantize
+            quantize(loaded.model, cfg.serve.quantize)
         stat = static(loaded, args, requests, cfg.serve.max_batch)
         alone = engine_alone(loaded, cfg, args, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
@@ -222,6 +225,7 @@ def main() -> None:
     result = {"requests": args.requests, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "seed": args.seed,
               "max_batch": cfg.serve.max_batch, "decode_steps": cfg.serve.decode_steps,
+              "quantize": cfg.serve.quantize,
               "repeats": args.repeats, "devices": jax.device_count(),
               "device": jax.devices()[0].device_kind, "continuous": cont, "static": stat,
               "engine_alone": alone,

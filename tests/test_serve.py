@@ -352,6 +352,33 @@ def test_start_up_errors_are_one_line(chat_run, case):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.once
+def test_an_int8_server_answers_as_static_batching_on_the_same_weights(chat_run):
+    """serve.quantize=int8: the server says what its weights now take, and its greedy
+    completions are those of train.generate's Generator on the loaded model quantized
+    in this process (models/quantize.py's own tests check the quantized model)."""
+    from models.quantize import quantize
+    from train.config import load_config
+    from train.inference import Generator, find_tokenizer, load
+    prompts = ["kappa sigma zeta", "Thanks, noted.", "omega"]
+    s = Server("--checkpoint", str(chat_run[0]), *SERVE, "serve.quantize=int8")
+    try:
+        sizes = s.wait_for(r"serve.quantize=int8: layer weights in int8, parameters "
+                           r"([\d.]+) MiB -> ([\d.]+) MiB")
+        client = s.client()
+        served = [complete(client, p).choices[0].text for p in prompts]
+    finally:
+        s.proc.kill()
+    assert float(sizes.group(2)) < float(sizes.group(1))
+    loaded = load(str(chat_run[0]), load_config(None, MESH8), MESH8)
+    quantize(loaded.model, "int8")
+    tok = find_tokenizer(loaded)
+    gen = Generator(loaded.model, loaded.mesh, loaded.rules, eos_id=tok.eos_id,
+                    vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size))
+    out = gen.generate(getattr(tok, "encode_prompts", tok.encode_batch)(prompts), 12)
+    assert served == [tok.decode(t) for t in out.tokens]
+
+
 def test_two_processes_serve_as_one(server, chat_run):
     """2 processes x 4 devices on the same 2x2x2 mesh (jax.distributed on 127.0.0.1):
     process 0 serves HTTP and plans each step, process 1 follows; the answers are the

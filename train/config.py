@@ -236,6 +236,9 @@ class ServeConfig:
     prefill_rows: Optional[int] = None  # requests prefilled at once (null: batch ways)
     drain_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
     model_name: Optional[str] = None  # the id clients ask for; None: --checkpoint as given
+    # int8: the layer projections' weights stored as int8 with a scale per output channel
+    # (models/quantize.py); `python -m train.eval` then reports the eval loss both ways
+    quantize: Optional[str] = None
 
     def check(self) -> None:
         if (self.max_batch < 1 or self.decode_steps < 1 or (self.prefill_rows or 1) < 1
@@ -247,6 +250,9 @@ class ServeConfig:
                               "others at least 0")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"serve.max_len must be at least 2, got {self.max_len}")
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"serve.quantize={self.quantize!r} is not supported; use int8 "
+                              "(weight-only) or null")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """The validation loss of a trained (or converted) model: what `python -m train.eval`
-runs, on the batches the run's own evaluation used unless data.* says otherwise."""
+runs, on the batches the run's own evaluation used unless data.* says otherwise. With
+serve.quantize, the loss of the model as loaded and as the server runs it (quantized),
+and their difference."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from train.data.batches import make_batches
 from train.data.resolve import resolve_data
 from train.errors import InputError
 from train.evaluate import evaluate
-from train.inference.load import load
+from train.inference.load import load, quantize_weights
 
 
 def evaluate_checkpoint(user: Config, overrides: Sequence[str], checkpoint: str,
@@ -25,11 +27,20 @@ def evaluate_checkpoint(user: Config, overrides: Sequence[str], checkpoint: str,
     cfg, path = resolve_data(loaded.cfg)  # a tokenizer larger than the model: DataError
     loaded.plan.check_batches()
     batches = make_batches(cfg, loaded.plan.batch_sharding, path)
+    mode, note = user.serve.quantize, ""
     try:
         out = evaluate(loaded.model, batches, n)
+        if mode is not None:
+            unquantized = out["loss"]
+            note = quantize_weights(loaded, mode) + "\n"
+            out = evaluate(loaded.model, batches, n)
+            out |= {"quantize": mode, "loss_unquantized": unquantized,
+                    "loss_difference": out["loss"] - unquantized}
+            note += (f"loss {out['loss']:.4f} with {mode} weights, {unquantized:.4f} "
+                     f"without: {out['loss_difference']:+.4g}\n")
     finally:
         batches.close()
     t = cfg.train
-    return (f"eval {loaded.where}: {n} batches of {t.batch_size} x {t.seq_len} "
+    return (f"{note}eval {loaded.where}: {n} batches of {t.batch_size} x {t.seq_len} "
             f"({out['tokens']:,} tokens) | loss {out['loss']:.4f} | perplexity "
             f"{out['perplexity']:.3f}\n{json.dumps(out)}")

@@ -171,6 +171,17 @@ def load_hf(source: str, user: Config, overrides: Sequence[str], flag: str) -> L
                   {"step": 0, "hf": hf_info(cfg.model.init_from)}, directory, to_dict(cfg))
 
 
+def quantize_weights(loaded: Loaded, mode: str | None) -> str:
+    """serve.quantize: the loaded model's layer weights quantized in place
+    (models/quantize.py); returns the line that says so ("" without a mode)."""
+    if mode is None:
+        return ""
+    from models.quantize import quantize
+    before, after = quantize(loaded.model, mode)
+    return (f"serve.quantize={mode}: layer weights in {mode}, parameters "
+            f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
+
+
 def read_export_info(path: str) -> tuple[dict, dict]:
     """(config.json's contents, the config in it) of an export directory."""
     where = f"{epath.Path(path) / CONFIG_JSON}"

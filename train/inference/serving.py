@@ -19,7 +19,7 @@ from etils import epath
 from train.data.chat import load_template
 from train.errors import InputError
 from train.inference.engine import Engine
-from train.inference.load import find_tokenizer, load
+from train.inference.load import find_tokenizer, load, quantize_weights
 from train.inference.lockstep import Peers
 from train.inference.server import Service, State, make_app
 
@@ -79,8 +79,12 @@ def serve(cfg, args) -> None:
 def build_engine(cfg, args):
     """(the engine on the config's mesh, the tokenizer, the model's loaded form); every
     process builds it (the load and the compiles are collective)."""
+    import jax
     loaded = load(args.checkpoint, cfg, args.overrides)
     tok = find_tokenizer(loaded, args.tokenizer)
+    note = quantize_weights(loaded, cfg.serve.quantize)
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     engine = Engine.of_config(loaded.model, loaded.mesh, loaded.rules, cfg.serve,
                               eos_id=tok.eos_id,
                               vocab_limit=min(tok.vocab_size, loaded.cfg.model.vocab_size),
