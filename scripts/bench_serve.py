@@ -23,13 +23,16 @@ static batching (jax and flax alone: scripts/gpu_check.py runs it on a GPU image
 
 Static: the same model loaded in this process after the server has stopped, the same
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
-memory), each batch prefilled together and decoded on the device until its longest
+memory; --static-rows sets another number, e.g. to ask what more slots in the same
+memory would give), each batch prefilled together and decoded on the device until its longest
 member is done; a request's first token comes with its batch's prefill, its later
 tokens at the batch's mean step time (its ITL). Throughput counts each request's own
 tokens only (a batch's rows that ran past their own length produce nothing anyone asked
 for).
 
 Each side runs the workload --repeats times; the run of median wall time is reported.
+With serve.quantize=int8 every side serves the same int8 weights (the server quantizes
+its own copy; the parameter sizes before and after are in the JSON).
 
 The last line is one JSON object.
 """
@@ -179,6 +182,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 128])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
+    p.add_argument("--static-rows", type=int, default=None,
+                   help="static batching's rows (default serve.max_batch: the server's KV "
+                        "memory)")
     p.add_argument("--no-server", action="store_true",
                    help="static batching and the engine alone, no HTTP server")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -211,21 +217,26 @@ def main() -> None:
         if loaded is None:
             from train.inference.load import load
             loaded = load(checkpoint, cfg, args.overrides)
+        param_mib = None
         if cfg.serve.quantize:  # static batching serves the same weights as the server
             from models.quantize import quantize
-            quantize(loaded.model, cfg.serve.quantize)
-        stat = static(loaded, args, requests, cfg.serve.max_batch)
+            param_mib = [round(b / 2**20, 1) for b in quantize(loaded.model,
+                                                              cfg.serve.quantize)]
+            print(f"serve.quantize={cfg.serve.quantize}: parameters {param_mib[0]} MiB -> "
+                  f"{param_mib[1]} MiB", flush=True)
+        static_rows = args.static_rows or cfg.serve.max_batch
+        stat = static(loaded, args, requests, static_rows)
         alone = engine_alone(loaded, cfg, args, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
     # every token over all slots (were prefill free and no slot ever idle)
     rows = cfg.serve.max_batch
     news = [n for _, n in requests]
-    static_steps = sum(max(news[i:i + rows]) for i in range(0, len(news), rows))
+    static_steps = sum(max(news[i:i + static_rows]) for i in range(0, len(news), static_rows))
     bound = round(static_steps / -(-sum(news) // rows), 2)
     result = {"requests": args.requests, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "seed": args.seed,
               "max_batch": cfg.serve.max_batch, "decode_steps": cfg.serve.decode_steps,
-              "quantize": cfg.serve.quantize,
+              "quantize": cfg.serve.quantize, "param_mib": param_mib,
               "repeats": args.repeats, "devices": jax.device_count(),
               "device": jax.devices()[0].device_kind, "continuous": cont, "static": stat,
               "engine_alone": alone,

@@ -63,6 +63,11 @@ def evaluate(model, batches, num_batches: int) -> dict:
     the first `num_batches` global batches of the validation split of `batches`."""
     graphdef, params = nnx.split(model)
     fn = jax.jit(lambda p, b: eval_sums(nnx.merge(graphdef, p), b))
+    if jax.default_backend() == "cpu":
+        # one batch at a time: with fake CPU devices, a second evaluation's programs in
+        # flight behind each other deadlocked XLA:CPU's all-reduce rendezvous (3 of 5
+        # tries, 8 devices, a process evaluating twice: train.eval with serve.quantize)
+        fn = lambda p, b, jitted=fn: jax.block_until_ready(jitted(p, b))  # noqa: E731
     loss, weight = mean_loss(fn, params, (batches.eval_batch(i) for i in range(num_batches)))
     loss = float(loss)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(weight),
