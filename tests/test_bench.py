@@ -88,14 +88,16 @@ def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
 @pytest.mark.once
 def test_serving_benchmark_runs_both_sides_on_its_workload(monkeypatch):
     """scripts/bench_serve.py on the tiny model and a small workload (a smoke test, not
-    a timing assertion): the server, static batching and the engine alone each produce
-    every token asked for, and the printed step bound is the workload's, by hand."""
+    a timing assertion): the server, static batching (in batches of 3 rows here) and the
+    engine alone each produce every token asked for, on int8 weights, and the printed
+    step bound is the workload's, by hand."""
     monkeypatch.syspath_prepend(f"{REPO}/scripts")
     from bench_serve import workload
     proc = subprocess.run(
         [sys.executable, "scripts/bench_serve.py", "--config", "configs/tiny.yaml",
          "--requests", "6", "--prompt-len", "2", "20", "--new-tokens", "2", "16",
-         "--repeats", "1", "serve.max_batch=2", "serve.max_len=64", "compile_cache_dir=null"],
+         "--repeats", "1", "--static-rows", "3", "serve.max_batch=2", "serve.max_len=64",
+         "serve.quantize=int8", "compile_cache_dir=null"],
         cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,8 +105,11 @@ def test_serving_benchmark_runs_both_sides_on_its_workload(monkeypatch):
     assert 16 in news and 2 in news
     for side in ("continuous", "static", "engine_alone"):
         assert result[side]["tokens"] == sum(news), side
-    # static: each pair's longer; continuous: every token over 2 slots
-    static_steps = sum(max(news[i:i + 2]) for i in range(0, 6, 2))
+    # static: each batch of 3's longest; continuous: every token over 2 slots
+    static_steps = sum(max(news[i:i + 3]) for i in range(0, 6, 3))
     assert result["step_bound"] == round(static_steps / -(-sum(news) // 2), 2)
+    assert result["static"]["batch_rows"] == 3 and result["quantize"] == "int8"
+    before, after = result["param_mib"]
+    assert 0 < after < before
     assert result["speedup"] == round(result["continuous"]["tokens_per_s"]
                                       / result["static"]["tokens_per_s"], 2)
