@@ -8,7 +8,11 @@ alone. The serving engine's rows are independent sequences, each at its own leng
 there `index` is (B,), each row's first slot of this call (no padding); slots past a
 row's own are never attended to, so whatever an earlier sequence left there is inert.
 Keys and values of all layers are held in the compute dtype, (L, B, S, K, H)
-each, with logical axes (batch over the batch mesh axes, kv heads like the weights).
+each, with logical axes (batch over the batch mesh axes, kv heads like the weights). On
+CPUs a 16-bit float cache is held as its bits (uint16) and read as the float: XLA:CPU
+updates a bf16 array by converting all of it to fp32 and back (a serving engine's
+per-row writes of one decode step, 8 rows x 12 layers: 2.4 s), a uint16 one in place
+(0.09 ms).
 
 Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size.
 """
@@ -34,6 +38,8 @@ class KVCache:
     pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
     # attention reads only the first `span` slots (None: all S); a static number
     span: int | None = struct.field(pytree_node=False, default=None)
+    # the float dtype whose bits the arrays hold (uint16 on CPUs); None: they hold it
+    bits_of: str | None = struct.field(pytree_node=False, default=None)
 
     def at(self, index) -> "KVCache":
         """The cache with the next call's tokens placed from slot `index` on."""
@@ -60,13 +66,13 @@ class KVCache:
               constrain: Constrain) -> "KVCache":
         """The cache with layer `layer`'s keys and values of this call's tokens written
         in (in place, when the caller donates the cache)."""
-        dt = self.k_LBSKH.dtype
+        k_BTKH, v_BTKH = self._stored(k_BTKH), self._stored(v_BTKH)
         if self.index.ndim == 0:
             at = (layer, 0, self.index, 0, 0)
-            k_LBSKH = jax.lax.dynamic_update_slice(self.k_LBSKH, k_BTKH.astype(dt)[None], at)
-            v_LBSKH = jax.lax.dynamic_update_slice(self.v_LBSKH, v_BTKH.astype(dt)[None], at)
+            k_LBSKH = jax.lax.dynamic_update_slice(self.k_LBSKH, k_BTKH[None], at)
+            v_LBSKH = jax.lax.dynamic_update_slice(self.v_LBSKH, v_BTKH[None], at)
         else:  # each row at its own slot (the caller keeps index_B + T within the cache)
-            k_LBSKH, v_LBSKH = (_write_rows(c, x.astype(dt), layer, self.index)
+            k_LBSKH, v_LBSKH = (_write_rows(c, x, layer, self.index)
                                 for c, x in ((self.k_LBSKH, k_BTKH), (self.v_LBSKH, v_BTKH)))
         return self.replace(k_LBSKH=constrain(k_LBSKH, CACHE_AXES),
                             v_LBSKH=constrain(v_LBSKH, CACHE_AXES))
@@ -74,9 +80,18 @@ class KVCache:
     def layer(self, layer) -> tuple[jax.Array, jax.Array]:
         """(B, S, K, H) keys and values of one layer (S: the span, if one is set)."""
         k_BSKH, v_BSKH = self.k_LBSKH[layer], self.v_LBSKH[layer]
-        if self.span is None:
+        if self.span is not None:
+            k_BSKH, v_BSKH = k_BSKH[:, :self.span], v_BSKH[:, :self.span]
+        if self.bits_of is None:
             return k_BSKH, v_BSKH
-        return k_BSKH[:, :self.span], v_BSKH[:, :self.span]
+        return (jax.lax.bitcast_convert_type(k_BSKH, jnp.dtype(self.bits_of)),
+                jax.lax.bitcast_convert_type(v_BSKH, jnp.dtype(self.bits_of)))
+
+    def _stored(self, x: jax.Array) -> jax.Array:
+        """Keys or values as the arrays hold them."""
+        if self.bits_of is None:
+            return x.astype(self.k_LBSKH.dtype)
+        return jax.lax.bitcast_convert_type(x.astype(self.bits_of), self.k_LBSKH.dtype)
 
 
 def _write_rows(c_LBSKH: jax.Array, x_BTKH: jax.Array, layer, index_B: jax.Array
@@ -110,7 +125,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, constrain: Constrain,
     """Zero keys and values for `batch` sequences of up to `length` tokens; `pad_B`
     leading slots of each sequence are padding (default none)."""
     shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
-    zeros = constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
+    dt = jnp.dtype(cfg.dtype)
+    platform = getattr(constrain, "platform", jax.default_backend())
+    bits = platform == "cpu" and dt.itemsize == 2  # bf16 or fp16 on a CPU: as uint16
+    zeros = constrain(jnp.zeros(shape, jnp.uint16 if bits else dt), CACHE_AXES)
     pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), pad_B)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), pad_B,
+                   bits_of=dt.name if bits else None)
 

@@ -49,6 +49,28 @@ def test_left_padding_does_not_change_a_prompts_logits(devices):
     np.testing.assert_allclose(logits_BTV[0, 4:], alone_TV, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["batch-index", "row-index"])
+def test_a_bf16_cache_on_a_cpu_is_held_as_its_bits_and_decodes_as_a_bf16_one(rows, devices):
+    """On CPUs a 16-bit cache is uint16 bits (XLA:CPU writes bf16 arrays by whole-array
+    conversions): every logit and every stored key equals a cache held as bf16, for a
+    batch written at one index (generation) and rows at their own (the engine)."""
+    from models.cache import KVCache
+    model, _, _ = built("llama", (1, 1, 1), "fsdp_tp", "model.dtype=bfloat16")
+    bits = model.init_cache(2, 12)
+    assert bits.k_LBSKH.dtype == jnp.uint16 and bits.bits_of == "bfloat16"
+    zeros = jnp.zeros(bits.k_LBSKH.shape, jnp.bfloat16)
+    held = KVCache(zeros, zeros, bits.index, bits.pad_B)
+    tokens_BT = jax.random.randint(jax.random.key(1), (2, 12), 0, 128)
+    at = (lambda t: jnp.full((2,), t, jnp.int32)) if rows else (lambda t: t)
+    for t0, t1 in ((0, 5), *((t, t + 1) for t in range(5, 12))):
+        got_BV, bits = model.extend(tokens_BT[:, t0:t1], bits.at(at(t0)))
+        want_BV, held = model.extend(tokens_BT[:, t0:t1], held.at(at(t0)))
+        np.testing.assert_array_equal(got_BV, want_BV)
+    np.testing.assert_array_equal(jax.lax.bitcast_convert_type(bits.v_LBSKH, jnp.bfloat16),
+                                  held.v_LBSKH)
+    assert np.abs(np.asarray(held.v_LBSKH, np.float32)).max() > 0
+
+
 PROMPTS = [[5, 9, 2, 77, 31, 8, 8], [100], [42, 7, 19]]
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 from typing import Callable
 
@@ -41,6 +42,8 @@ from models.cache import copy_row
 from models.sampling import NEG, sample_rows
 from train.errors import InputError
 from train.inference.generate import inference_params
+
+log = logging.getLogger("train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,10 @@ class Engine:
         self.pending: collections.deque[tuple[Request, int]] = collections.deque()
         self.row_done = np.zeros(self.P, np.int32)
         self.row_slot = np.zeros(self.P, np.int32)
+        if mesh.devices.flat[0].platform == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2:
+            log.warning("serving in %s on CPUs: XLA:CPU converts the weights to fp32 on "
+                        "every engine call (docs/benchmarks.md); model.dtype=float32 is "
+                        "faster here", cfg.dtype)
         self._compile(model)
 
     # ------------------------------------------------------------------ device code
