@@ -50,10 +50,10 @@ def dequantize(q: jax.Array, s: jax.Array, dtype) -> jax.Array:
 def split_scales(p: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """A layer's parameters without the scales, and the scales by the weight they scale
     ({} for a model that is not quantized)."""
-    scales = {k[:-len(SCALE)]: v for k, v in p.items()
-              if k.endswith(SCALE) and k[:-len(SCALE)] in INPUT_AXES}
-    return {k: v for k, v in p.items() if k[:-len(SCALE)] not in scales
-            or not k.endswith(SCALE)}, scales
+    scales = {k.removesuffix(SCALE): v for k, v in p.items()
+              if k.endswith(SCALE) and k.removesuffix(SCALE) in INPUT_AXES}
+    scale_names = {name + SCALE for name in scales}
+    return {k: v for k, v in p.items() if k not in scale_names}, scales
 
 
 def param_bytes(model: nnx.Module) -> int:

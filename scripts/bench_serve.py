@@ -24,8 +24,8 @@ static batching (jax and flax alone: scripts/gpu_check.py runs it on a GPU image
 Static: the same model loaded in this process after the server has stopped, the same
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
 memory; --static-rows sets another number, e.g. to ask what more slots in the same
-memory would give), each batch prefilled together and decoded on the device until its longest
-member is done; a request's first token comes with its batch's prefill, its later
+memory would give), each batch prefilled together and decoded on the device until its
+longest member is done; a request's first token comes with its batch's prefill, its later
 tokens at the batch's mean step time (its ITL). Throughput counts each request's own
 tokens only (a batch's rows that ran past their own length produce nothing anyone asked
 for).

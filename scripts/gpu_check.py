@@ -15,7 +15,8 @@ Checks (each one row: pass/FAIL and its measured figure):
 Benchmarks: scripts/bench.py on configs/gpt2-124m.yaml and configs/gpt2-1.3b.yaml (the
 one-GPU targets of docs/benchmarks.md), each in its own process; then serving, scripts/
 bench_serve.py --no-server on GPT-2 124M: the continuous-batching engine against static
-batching on the benchmark's 32 mixed-length requests (the image has no HTTP stack).
+batching on the benchmark's 32 mixed-length requests (the image has no HTTP stack), in
+bf16 and with int8 layer weights (serve.quantize=int8).
 """
 
 from __future__ import annotations
@@ -156,10 +157,11 @@ def bench(config: str, smoke: bool) -> tuple[bool, str, dict | None]:
                   f"({seconds:.0f} s in all)"), r
 
 
-def bench_serve(smoke: bool) -> tuple[bool, str, dict | None]:
+def bench_serve(smoke: bool, *extra: str) -> tuple[bool, str, dict | None]:
     args = ["--config", "configs/tiny.yaml", "--requests", "4", "--new-tokens", "2", "8",
             "--prompt-len", "2", "16", "--repeats", "1", "serve.max_batch=2"] if smoke else \
         ["--config", "configs/gpt2-124m.yaml", "serve.max_len=256"]
+    args += extra
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "scripts/bench_serve.py", "--no-server", *args,
                            "compile_cache_dir=null"], cwd=REPO, capture_output=True,
@@ -204,9 +206,13 @@ def main() -> None:
         results[config] = r
         rows.append((f"bench {Path(config).stem}", "ran" if ok else "FAIL", detail))
         print(" | ".join(rows[-1]), flush=True)
-    ok, detail, results["serve"] = bench_serve(args.smoke)
-    rows.append(("bench serve", "ran" if ok else "FAIL", detail))
-    print(" | ".join(rows[-1]), flush=True)
+    for name, extra in (("serve", ()), ("serve int8", ("serve.quantize=int8",))):
+        ok, detail, results[name] = bench_serve(args.smoke, *extra)
+        if ok and extra:
+            detail += f", parameters {results[name]['param_mib'][0]:,.1f} -> " \
+                f"{results[name]['param_mib'][1]:,.1f} MiB"
+        rows.append((f"bench {name}", "ran" if ok else "FAIL", detail))
+        print(" | ".join(rows[-1]), flush=True)
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"{n:<{width}}  {s:<4}  {d}" for n, s, d in rows))
     print(json.dumps({"device": device.device_kind, "jax": jax.__version__,

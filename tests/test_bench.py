@@ -78,11 +78,13 @@ def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["checks"] == {"cudnn-attention": "pass", "bf16-step": "pass",
                                  "generation": "pass", "bench gpt2-124m": "ran",
-                                 "bench serve": "ran"}
+                                 "bench serve": "ran", "bench serve int8": "ran"}
     assert summary["bench"]["configs/gpt2-124m.yaml"]["tokens_per_step"] == 2 * 64
     serve = summary["bench"]["serve"]
     assert serve["continuous"] is None and serve["static"]["tokens"] == \
         serve["engine_alone"]["tokens"] > 0
+    int8 = summary["bench"]["serve int8"]
+    assert int8["quantize"] == "int8" and int8["param_mib"][1] < int8["param_mib"][0]
 
 
 @pytest.mark.once

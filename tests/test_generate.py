@@ -49,7 +49,8 @@ def test_left_padding_does_not_change_a_prompts_logits(devices):
     np.testing.assert_allclose(logits_BTV[0, 4:], alone_TV, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [False, True], ids=["batch-index", "row-index"])
+@pytest.mark.parametrize("rows", [pytest.param(False, marks=pytest.mark.once), True],
+                         ids=["batch-index", "row-index"])
 def test_a_bf16_cache_on_a_cpu_is_held_as_its_bits_and_decodes_as_a_bf16_one(rows, devices):
     """On CPUs a 16-bit cache is uint16 bits (XLA:CPU writes bf16 arrays by whole-array
     conversions): every logit and every stored key equals a cache held as bf16, for a
