@@ -132,14 +132,18 @@ def _start_lifeline(timeout_s: float) -> None:
     def lost(who: int, cause: str) -> None:
         if not _reporting.acquire(blocking=False):
             return  # the main thread is saying it already
-        print(f"error: {_line(me, n, f'process {who} of {n}', cause)}", file=sys.stderr,
-              flush=True)
+        line = f"error: {_line(me, n, f'process {who} of {n}', cause)}\n"
         sys.stdout.flush()
+        sys.stderr.flush()
         # JAX's coordination agent may see the loss at the same moment and log its own
-        # fatal error from a C++ thread: the line above stays the last one printed.
+        # errors from a C++ thread: both streams go to /dev/null first, then the line goes
+        # to a copy of stderr in one write, so it is the last one printed (printed before
+        # the redirect, CI once saw two of the agent's lines land after it)
+        stderr = os.dup(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        os.write(stderr, line.encode())
         os._exit(1)
 
     lifeline.start(state.client, me, host, timeout_s, lost)
