@@ -12,9 +12,11 @@ each, with logical axes (batch over the batch mesh axes, kv heads like the weigh
 CPUs a 16-bit float cache is held as its bits (uint16) and read as the float: XLA:CPU
 updates a bf16 array by converting all of it to fp32 and back (a serving engine's
 per-row writes of one decode step, 8 rows x 12 layers: 2.4 s), a uint16 one in place
-(0.09 ms).
+(0.09 ms). The engine may instead hold its rows in pages (PagedKVCache, serve.kv_pages):
+each request takes only the pages its prompt and new tokens need.
 
-Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size.
+Shapes: L layers, B batch, T new tokens, S cache length, K kv heads, H head size; for
+pages, N pages of P slots, M pages per row.
 """
 
 from __future__ import annotations
@@ -27,25 +29,19 @@ from models.config import ModelConfig
 from models.layers import Constrain
 
 CACHE_AXES = ("layers", "batch", "act_length", "act_kv_heads", None)
+PAGED_AXES = ("layers", None, None, "act_kv_heads", None)  # a pool of pages
 UNROLL_ROWS = 64  # rows written one by one up to this many (XLA:CPU's scatter is slow)
 
 
-@struct.dataclass
-class KVCache:
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
-    index: jax.Array  # int32 scalar, or (B,) per row: the slot of this call's first token
-    pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
-    # attention reads only the first `span` slots (None: all S); a static number
-    span: int | None = struct.field(pytree_node=False, default=None)
-    # the float dtype whose bits the arrays hold (uint16 on CPUs); None: they hold it
-    bits_of: str | None = struct.field(pytree_node=False, default=None)
+class _Placed:
+    """Where a call's tokens go, for both caches: `index` (a scalar, or (B,) per row)
+    and `pad_B`."""
 
-    def at(self, index) -> "KVCache":
+    def at(self, index):
         """The cache with the next call's tokens placed from slot `index` on."""
         return self.replace(index=jnp.asarray(index, jnp.int32))
 
-    def within(self, span: int | None) -> "KVCache":
+    def within(self, span: int | None):
         """The cache with attention reading only its first `span` slots (every slot
         this call's tokens attend to must be among them; None: all): what lies past a
         serving engine's longest row is neither read nor scored."""
@@ -61,6 +57,34 @@ class KVCache:
         """(B, T) positions of this call's tokens, counted from each sequence's first
         real token."""
         return jnp.maximum(self.slots(length) - self.pad_B[:, None], 0)
+
+    def _stored(self, x: jax.Array) -> jax.Array:
+        """Keys or values as the arrays hold them."""
+        if self.bits_of is None:
+            return x.astype(self.held_dtype)
+        return jax.lax.bitcast_convert_type(x.astype(self.bits_of), self.held_dtype)
+
+    def _read(self, x: jax.Array) -> jax.Array:
+        """Keys or values as the arrays hold them, as the float they are."""
+        if self.bits_of is None:
+            return x
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(self.bits_of))
+
+
+@struct.dataclass
+class KVCache(_Placed):
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    index: jax.Array  # int32 scalar, or (B,) per row: the slot of this call's first token
+    pad_B: jax.Array  # int32 (B,): each sequence's leading padding slots
+    # attention reads only the first `span` slots (None: all S); a static number
+    span: int | None = struct.field(pytree_node=False, default=None)
+    # the float dtype whose bits the arrays hold (uint16 on CPUs); None: they hold it
+    bits_of: str | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def held_dtype(self):
+        return self.k_LBSKH.dtype
 
     def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array,
               constrain: Constrain) -> "KVCache":
@@ -82,16 +106,7 @@ class KVCache:
         k_BSKH, v_BSKH = self.k_LBSKH[layer], self.v_LBSKH[layer]
         if self.span is not None:
             k_BSKH, v_BSKH = k_BSKH[:, :self.span], v_BSKH[:, :self.span]
-        if self.bits_of is None:
-            return k_BSKH, v_BSKH
-        return (jax.lax.bitcast_convert_type(k_BSKH, jnp.dtype(self.bits_of)),
-                jax.lax.bitcast_convert_type(v_BSKH, jnp.dtype(self.bits_of)))
-
-    def _stored(self, x: jax.Array) -> jax.Array:
-        """Keys or values as the arrays hold them."""
-        if self.bits_of is None:
-            return x.astype(self.k_LBSKH.dtype)
-        return jax.lax.bitcast_convert_type(x.astype(self.bits_of), self.k_LBSKH.dtype)
+        return self._read(k_BSKH), self._read(v_BSKH)
 
 
 def _write_rows(c_LBSKH: jax.Array, x_BTKH: jax.Array, layer, index_B: jax.Array
@@ -120,16 +135,115 @@ def copy_row(into: KVCache, row, source: KVCache, source_row) -> KVCache:
                         v_LBSKH=put(into.v_LBSKH, source.v_LBSKH))
 
 
+@struct.dataclass
+class PagedKVCache(_Placed):
+    """A serving engine's cache in pages: keys and values of all rows in one pool of N
+    pages of `P` slots each, (L, N, P, K, H); row b's slot s is slot s % P of page
+    table_BM[b, s // P]. A request holds only the pages its prompt and max_tokens need,
+    so the same memory serves more requests at once than rows of max_len slots would.
+    Page 0 is handed to no one: a table's unused entries point to it, so rows without a
+    request write there harmlessly, and what it holds is never attended to (the slots
+    past a row's own are masked). The pool is replicated over the batch mesh axes (a
+    row may use any page) and its kv heads sharded as the weights'; rows, as index_B
+    and table_BM, are the engine's decode rows. No padding (pad_B is zeros)."""
+    k_LNPKH: jax.Array
+    v_LNPKH: jax.Array
+    table_BM: jax.Array  # int32 (B, M): each row's pages in order, M x P slots in all
+    index: jax.Array  # int32 (B,): the slot of this call's first token, per row
+    pad_B: jax.Array  # int32 (B,) zeros
+    span: int | None = struct.field(pytree_node=False, default=None)  # a multiple of P
+    bits_of: str | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def held_dtype(self):
+        return self.k_LNPKH.dtype
+
+    def first_rows(self, rows: int) -> "PagedKVCache":
+        """The cache as seen by its first `rows` rows (the pool is shared)."""
+        return self.replace(table_BM=self.table_BM[:rows], index=self.index[:rows],
+                            pad_B=self.pad_B[:rows])
+
+    def write(self, layer, k_BTKH: jax.Array, v_BTKH: jax.Array,
+              constrain: Constrain) -> "PagedKVCache":
+        """The cache with layer `layer`'s keys and values of this call's tokens written
+        into their rows' pages (in place, when the caller donates the cache)."""
+        B, T = k_BTKH.shape[:2]
+        P = self.k_LNPKH.shape[2]
+        slots_BT = self.slots(T)
+        pages_BT = jnp.take_along_axis(self.table_BM, slots_BT // P, axis=1, mode="clip")
+        offsets_BT = slots_BT % P
+
+        def put(pool_LNPKH, x_BTKH):
+            x_BTKH = self._stored(x_BTKH)
+            if B * T > UNROLL_ROWS:
+                return pool_LNPKH.at[layer, pages_BT, offsets_BT].set(x_BTKH)
+            for b in range(B):  # one in-place update per token (no scatter)
+                for t in range(T):
+                    pool_LNPKH = jax.lax.dynamic_update_slice(
+                        pool_LNPKH, x_BTKH[b, t][None, None, None],
+                        (layer, pages_BT[b, t], offsets_BT[b, t], 0, 0))
+            return pool_LNPKH
+        return self.replace(k_LNPKH=constrain(put(self.k_LNPKH, k_BTKH), PAGED_AXES),
+                            v_LNPKH=constrain(put(self.v_LNPKH, v_BTKH), PAGED_AXES))
+
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        """(B, S, K, H) keys and values of one layer, each row's pages gathered in
+        order (S: the span if one is set, else M x P)."""
+        B, M = self.table_BM.shape
+        P = self.k_LNPKH.shape[2]
+        pages_BM = self.table_BM[:, :(self.span or M * P) // P]
+
+        def read(pool_LNPKH):
+            x_BMPKH = pool_LNPKH[layer, pages_BM]
+            return self._read(x_BMPKH.reshape(B, -1, *x_BMPKH.shape[3:]))
+        return read(self.k_LNPKH), read(self.v_LNPKH)
+
+
+def copy_pages(into: PagedKVCache, pages_M: jax.Array, source: KVCache, source_row
+               ) -> PagedKVCache:
+    """`into` with row `source_row` of `source` (all layers, its first M x P slots)
+    written into pages pages_M (0 where the row needs no more: the discard page)."""
+    P = into.k_LNPKH.shape[2]
+
+    def put(pool_LNPKH, s_LBSKH):
+        row_LSKH = jax.lax.dynamic_index_in_dim(s_LBSKH, source_row, axis=1, keepdims=False)
+        for m in range(pages_M.shape[0]):
+            page_L1PKH = row_LSKH[:, None, m * P:(m + 1) * P].astype(pool_LNPKH.dtype)
+            pool_LNPKH = jax.lax.dynamic_update_slice(pool_LNPKH, page_L1PKH,
+                                                      (0, pages_M[m], 0, 0, 0))
+        return pool_LNPKH
+    return into.replace(k_LNPKH=put(into.k_LNPKH, source.k_LBSKH),
+                        v_LNPKH=put(into.v_LNPKH, source.v_LBSKH))
+
+
+def _held(cfg: ModelConfig, constrain: Constrain) -> tuple[jnp.dtype, str | None]:
+    """The dtype the cache's arrays have, and the float whose bits they hold (uint16 for
+    a 16-bit float on a CPU) or None."""
+    dt = jnp.dtype(cfg.dtype)
+    platform = getattr(constrain, "platform", jax.default_backend())
+    if platform == "cpu" and dt.itemsize == 2:
+        return jnp.dtype(jnp.uint16), dt.name
+    return dt, None
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, constrain: Constrain,
                pad_B: jax.Array | None = None) -> KVCache:
     """Zero keys and values for `batch` sequences of up to `length` tokens; `pad_B`
     leading slots of each sequence are padding (default none)."""
     shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
-    dt = jnp.dtype(cfg.dtype)
-    platform = getattr(constrain, "platform", jax.default_backend())
-    bits = platform == "cpu" and dt.itemsize == 2  # bf16 or fp16 on a CPU: as uint16
-    zeros = constrain(jnp.zeros(shape, jnp.uint16 if bits else dt), CACHE_AXES)
+    held, bits_of = _held(cfg, constrain)
+    zeros = constrain(jnp.zeros(shape, held), CACHE_AXES)
     pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), pad_B,
-                   bits_of=dt.name if bits else None)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), pad_B, bits_of=bits_of)
 
+
+def init_paged_cache(cfg: ModelConfig, rows: int, pages: int, page: int, length: int,
+                     constrain: Constrain) -> PagedKVCache:
+    """Zero keys and values in `pages` pages of `page` slots (and the discard page 0),
+    for `rows` rows of up to `length` slots each, every table entry at page 0."""
+    shape = (cfg.num_layers, pages + 1, page, cfg.kv_heads, cfg.head_size)
+    held, bits_of = _held(cfg, constrain)
+    zeros = constrain(jnp.zeros(shape, held), PAGED_AXES)
+    table_BM = jnp.zeros((rows, -(-length // page)), jnp.int32)
+    return PagedKVCache(zeros, zeros, table_BM, jnp.zeros((rows,), jnp.int32),
+                        jnp.zeros((rows,), jnp.int32), bits_of=bits_of)

@@ -23,8 +23,9 @@ static batching (jax and flax alone: scripts/gpu_check.py runs it on a GPU image
 
 Static: the same model loaded in this process after the server has stopped, the same
 requests in arrival order in batches of serve.max_batch rows (the server's KV cache
-memory; --static-rows sets another number, e.g. to ask what more slots in the same
-memory would give), each batch prefilled together and decoded on the device until its
+memory; --static-rows sets another number, e.g. 8 against serve.max_batch=32 with
+serve.kv_pages=128: a paged cache of the same 2,048 tokens as 8 rows of 256), each batch
+prefilled together and decoded on the device until its
 longest member is done; a request's first token comes with its batch's prefill, its later
 tokens at the batch's mean step time (its ITL). Throughput counts each request's own
 tokens only (a batch's rows that ran past their own length produce nothing anyone asked
@@ -228,11 +229,18 @@ def main() -> None:
         stat = static(loaded, args, requests, static_rows)
         alone = engine_alone(loaded, cfg, args, requests)
     # decode steps each needs at the least: static, its batches' longest members; continuous,
-    # every token over all slots (were prefill free and no slot ever idle)
+    # every token over all slots (were prefill free and no slot ever idle), and the
+    # longest request's tokens one after another
     rows = cfg.serve.max_batch
     news = [n for _, n in requests]
     static_steps = sum(max(news[i:i + static_rows]) for i in range(0, len(news), static_rows))
-    bound = round(static_steps / -(-sum(news) // rows), 2)
+    least = max(-(-sum(news) // rows), max(news))
+    bound = round(static_steps / least, 2)
+    # KV cache memory, in tokens: the server's (its rows' slots, or its pages), and what
+    # static batching's rows need to take any request the server takes
+    max_len = cfg.serve.max_len or cfg.model.max_seq_len
+    kv_tokens = {"continuous": (cfg.serve.kv_pages * cfg.serve.page_size if cfg.serve.kv_pages
+                                else rows * max_len), "static": static_rows * max_len}
     result = {"requests": args.requests, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "seed": args.seed,
               "max_batch": cfg.serve.max_batch, "decode_steps": cfg.serve.decode_steps,
@@ -242,7 +250,7 @@ def main() -> None:
               "engine_alone": alone,
               "speedup": cont and round(cont["tokens_per_s"] / stat["tokens_per_s"], 2),
               "engine_alone_speedup": round(alone["tokens_per_s"] / stat["tokens_per_s"], 2),
-              "step_bound": bound}
+              "step_bound": bound, "kv_tokens": kv_tokens}
     for name, r in (("continuous", cont), ("static", stat))[args.no_server:]:
         print(f"{name:>10}: {r['tokens']} tokens in {r['wall_s']:.2f} s = "
               f"{r['tokens_per_s']:,.0f} tokens/s | TTFT p50 {r['ttft']['p50_ms']:.0f} ms p99 "
@@ -254,8 +262,10 @@ def main() -> None:
     print(("" if args.no_server else f"continuous / static throughput: "
            f"{result['speedup']:.2f}x, ") + "engine alone / static: "
           f"{result['engine_alone_speedup']:.2f}x (decode steps: static {static_steps}, "
-          f"continuous at least {-(-sum(news) // rows)}: a {bound:.2f}x bound at equal step "
-          "cost)")
+          f"continuous at least {least}: a {bound:.2f}x bound at equal step cost)")
+    print(f"KV cache: continuous {kv_tokens['continuous']:,} tokens "
+          f"({'serve.kv_pages' if cfg.serve.kv_pages else 'serve.max_batch x max_len'}), "
+          f"static {kv_tokens['static']:,} ({static_rows} rows x {max_len})")
     print(json.dumps(result))
 
 

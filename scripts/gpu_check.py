@@ -16,7 +16,9 @@ Benchmarks: scripts/bench.py on configs/gpt2-124m.yaml and configs/gpt2-1.3b.yam
 one-GPU targets of docs/benchmarks.md), each in its own process; then serving, scripts/
 bench_serve.py --no-server on GPT-2 124M: the continuous-batching engine against static
 batching on the benchmark's 32 mixed-length requests (the image has no HTTP stack), in
-bf16 and with int8 layer weights (serve.quantize=int8).
+bf16, with int8 layer weights (serve.quantize=int8), and with a paged KV cache of the
+same memory as static batching's 8 rows (32 rows sharing serve.kv_pages=128 pages of 16
+tokens against 8 rows of 256).
 """
 
 from __future__ import annotations
@@ -206,9 +208,12 @@ def main() -> None:
         results[config] = r
         rows.append((f"bench {Path(config).stem}", "ran" if ok else "FAIL", detail))
         print(" | ".join(rows[-1]), flush=True)
-    for name, extra in (("serve", ()), ("serve int8", ("serve.quantize=int8",))):
+    paged = ("--static-rows", "2", "serve.max_batch=4", "serve.kv_pages=32") if args.smoke \
+        else ("--static-rows", "8", "serve.max_batch=32", "serve.kv_pages=128")
+    for name, extra in (("serve", ()), ("serve int8", ("serve.quantize=int8",)),
+                        ("serve paged", paged)):
         ok, detail, results[name] = bench_serve(args.smoke, *extra)
-        if ok and extra:
+        if ok and name == "serve int8":
             detail += f", parameters {results[name]['param_mib'][0]:,.1f} -> " \
                 f"{results[name]['param_mib'][1]:,.1f} MiB"
         rows.append((f"bench {name}", "ran" if ok else "FAIL", detail))

@@ -78,13 +78,17 @@ def test_gpu_check_runs_its_checks_and_benchmark_on_tiny_shapes(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["checks"] == {"cudnn-attention": "pass", "bf16-step": "pass",
                                  "generation": "pass", "bench gpt2-124m": "ran",
-                                 "bench serve": "ran", "bench serve int8": "ran"}
+                                 "bench serve": "ran", "bench serve int8": "ran",
+                                 "bench serve paged": "ran"}
     assert summary["bench"]["configs/gpt2-124m.yaml"]["tokens_per_step"] == 2 * 64
     serve = summary["bench"]["serve"]
     assert serve["continuous"] is None and serve["static"]["tokens"] == \
         serve["engine_alone"]["tokens"] > 0
     int8 = summary["bench"]["serve int8"]
     assert int8["quantize"] == "int8" and int8["param_mib"][1] < int8["param_mib"][0]
+    paged = summary["bench"]["serve paged"]
+    assert paged["kv_tokens"] == {"continuous": 32 * 16, "static": 2 * 256}
+    assert paged["static"]["tokens"] == paged["engine_alone"]["tokens"] > 0
 
 
 @pytest.mark.once
@@ -107,9 +111,10 @@ def test_serving_benchmark_runs_both_sides_on_its_workload(monkeypatch):
     assert 16 in news and 2 in news
     for side in ("continuous", "static", "engine_alone"):
         assert result[side]["tokens"] == sum(news), side
-    # static: each batch of 3's longest; continuous: every token over 2 slots
+    # static: each batch of 3's longest; continuous: every token over 2 slots, and no
+    # fewer than the longest request's
     static_steps = sum(max(news[i:i + 3]) for i in range(0, 6, 3))
-    assert result["step_bound"] == round(static_steps / -(-sum(news) // 2), 2)
+    assert result["step_bound"] == round(static_steps / max(-(-sum(news) // 2), 16), 2)
     assert result["static"]["batch_rows"] == 3 and result["quantize"] == "int8"
     before, after = result["param_mib"]
     assert 0 < after < before

@@ -12,10 +12,13 @@ import pytest
 from test_generate import built
 
 from models.sampling import allowed, sample_rows
+from train.config import ConfigError, load_config
 from train.errors import InputError
 from train.inference import Generator
 from train.inference.engine import Engine, Request, Sampling
 from train.inference.text import TextStream
+
+from helpers import REPO
 
 EOS = 127  # outside the vocabulary the model may produce (vocab_limit 127): no EOS
 rng = np.random.default_rng(3)
@@ -60,7 +63,7 @@ def count_compiles():
 
 def spans_used(engine):
     """The engine's programs wrapped to count the attention spans they are called
-    with and the steps of decode calls: {"decode": Counter(span), "prefill":
+    with and the steps of decode calls: {"decode": Counter((span, rows)), "prefill":
     Counter((chunk, span)), "steps": Counter(steps)}, and a restore."""
     used = {kind: collections.Counter() for kind in ("decode", "prefill", "steps")}
     kept = engine._decode_fns, engine._prefill_fns
@@ -99,7 +102,7 @@ def test_continuous_batching_gives_each_request_what_it_gets_alone(engine, stati
     assert seen == []
     for r, want, n in zip(done, static, MAX_TOKENS):
         assert r.tokens == want[:n] and r.finish_reason == "length"
-    assert {20, 30} <= set(used["decode"])
+    assert {20, 30} <= {span for span, _ in used["decode"]}
     assert {span == chunk for chunk, span in used["prefill"]} == {True, False}
     assert set(used["steps"]) == ({1} if engine.K == 1 else {1, 2, 3})
     assert engine.busy == 0 and all(r is None for r in engine.slot_req)
@@ -203,3 +206,88 @@ def test_streamed_text_never_splits_a_character_nor_shows_a_stop_string():
     tail = TextStream(decode, stops=["\n\n"])
     assert [tail.push(b) for b in b"hi\n"] == ["h", "i", ""]
     assert tail.finish() == "\n"  # held back, then flushed at the end
+
+
+@pytest.fixture(scope="module")
+def paged(mesh_model):
+    """8 decode rows sharing 24 pages of 4 slots (96 tokens): the ten requests need 45
+    pages, so some wait for pages with rows free."""
+    model, mesh, rules = mesh_model
+    return Engine(model, mesh, rules, eos_id=EOS, vocab_limit=127, max_batch=8, max_len=40,
+                  chunk=8, decode_steps=3, kv_pages=24, page_size=4)
+
+
+def test_a_paged_cache_gives_each_request_what_it_gets_alone(paged, static):
+    """Through a paged cache each request gets the static batch's greedy tokens; the
+    decode calls run the first 4 rows when the decoding requests fit in them (packed
+    there as others finish), else all 8; every page comes back; none compiles."""
+    assert (paged.B, paged.row_buckets, paged.spans) == (8, [4, 8], [20, 32, 40])
+    seen, stop = count_compiles()
+    used, restore = spans_used(paged)
+    most = [0]
+    taken = paged._plan
+
+    def plan():  # the pages held never exceed the pool's
+        most[0] = max(most[0], 24 - len(paged.free_pages))
+        return taken()
+    paged._plan = plan
+    try:
+        done = paged.generate(PROMPTS, [Sampling(max_tokens=n) for n in MAX_TOKENS])
+    finally:
+        stop()
+        restore()
+        del paged._plan
+    assert seen == []
+    for r, want, n in zip(done, static, MAX_TOKENS):
+        assert r.tokens == want[:n] and r.finish_reason == "length"
+    assert {rows for _, rows in used["decode"]} == {4, 8}
+    assert 20 <= most[0] <= 24
+    assert paged.free_pages == list(range(1, 25)) and not paged.pages_of
+    assert not paged.table.any() and paged.busy == 0
+
+
+def test_a_request_waits_for_pages_and_a_cancel_gives_them_back(paged):
+    """Two requests of 36 tokens take 18 of the 24 pages; a third of 36 waits with rows
+    free, is admitted when one of them is cancelled, and gets what it gets alone."""
+    first, second = (paged.submit(Request(p, Sampling(max_tokens=36 - len(p))))
+                     for p in PROMPTS[1:3])
+    third = paged.submit(Request(PROMPTS[3], Sampling(max_tokens=23)))
+    for _ in range(3):
+        paged.step()
+    assert first.tokens and second.tokens and not third.tokens
+    assert len(paged.waiting) == 1 and len(paged.free_pages) == 6
+    first.cancel()
+    paged.step()
+    assert first.finish_reason == "cancelled" and not paged.waiting  # admitted
+    while not third.done.is_set():
+        paged.step()
+    second.cancel()
+    paged.step()
+    assert paged.busy == 0 and len(paged.free_pages) == 24
+    alone = paged.generate([PROMPTS[3]], Sampling(max_tokens=23))[0].tokens
+    assert third.tokens == alone
+
+
+def test_kv_pages_must_hold_one_longest_request(mesh_model):
+    model, mesh, rules = mesh_model
+    with pytest.raises(InputError, match="hold 36 tokens, fewer than one request of "
+                                         "serve.max_len=40; raise serve.kv_pages"):
+        Engine(model, mesh, rules, eos_id=EOS, max_len=40, kv_pages=9, page_size=4)
+    for bad in ("serve.kv_pages=-1", "serve.page_size=0"):
+        with pytest.raises(ConfigError, match="use kv_pages >= 0 .0: no pages. and "
+                                              "page_size >= 1"):
+            load_config(str(REPO / "configs" / "tiny.yaml"), [bad])
+
+
+@pytest.mark.once
+def test_a_bf16_paged_cache_on_a_cpu_answers_as_rows_of_their_own_do():
+    """bf16 on one CPU device: the pool holds the bits (uint16, as the row cache does)
+    and every request gets the tokens it gets from an engine without pages."""
+    model, mesh, rules = built("gpt2", (1, 1, 1), "fsdp_tp", "model.dtype=bfloat16")
+    kw = dict(eos_id=EOS, vocab_limit=127, max_batch=4, max_len=40, chunk=8, decode_steps=2)
+    rows = Engine(model, mesh, rules, **kw)
+    paged = Engine(model, mesh, rules, **kw, kv_pages=12, page_size=8)
+    assert paged.cache.k_LNPKH.dtype == rows.cache.k_LBSKH.dtype == np.uint16
+    each = [Sampling(max_tokens=n) for n in MAX_TOKENS]
+    assert ([r.tokens for r in paged.generate(PROMPTS, each)]
+            == [r.tokens for r in rows.generate(PROMPTS, each)])

@@ -300,7 +300,8 @@ def test_chat_without_a_template_and_routes_while_starting():
                                api_key="x", max_retries=0)
         with pytest.raises(openai.InternalServerError, match="starting"):
             client.completions.create(model="bytes", prompt="hi")
-        engine = SimpleNamespace(queued=0, slots_busy=0, B=1, vocab_limit=256, max_len=64)
+        engine = SimpleNamespace(queued=0, slots_busy=0, B=1, vocab_limit=256, max_len=64,
+                                 kv_pages=0, free_pages=[])
         state.ready(Service(engine, ByteTokenizer(), None, model_name="bytes"))
         with pytest.raises(openai.BadRequestError, match="has no chat template"):
             client.chat.completions.create(model="bytes",
@@ -380,9 +381,11 @@ def test_an_int8_server_answers_as_static_batching_on_the_same_weights(chat_run)
 
 
 def test_two_processes_serve_as_one(server, chat_run):
-    """2 processes x 4 devices on the same 2x2x2 mesh (jax.distributed on 127.0.0.1):
-    process 0 serves HTTP and plans each step, process 1 follows; the answers are the
-    one-process server's; SIGTERM to process 0 ends both with exit 0."""
+    """2 processes x 4 devices on the same 2x2x2 mesh (jax.distributed on 127.0.0.1),
+    with a paged KV cache (8 rows sharing 20 pages of 16 slots): process 0 serves HTTP
+    and plans each step (admissions by slots and pages), process 1 follows; the answers
+    are the one-process server's (4 rows of 128 slots each); SIGTERM to process 0 ends
+    both with exit 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -390,7 +393,8 @@ def test_two_processes_serve_as_one(server, chat_run):
     def env(i):
         return cli_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                        JAX_PROCESS_ID=str(i))
-    args = ["--checkpoint", str(chat_run[0]), *SERVE, "distributed.init_timeout_s=120"]
+    args = ["--checkpoint", str(chat_run[0]), *SERVE, "distributed.init_timeout_s=120",
+            "serve.max_batch=8", "serve.kv_pages=20", "serve.page_size=16"]
     follower = subprocess.Popen([sys.executable, "-m", "train.serve", *args], cwd=REPO,
                                 env=env(1), text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
@@ -408,6 +412,8 @@ def test_two_processes_serve_as_one(server, chat_run):
                 model=NAME, messages=[{"role": "user", "content": "delta"}], temperature=0)
             return texts + [chat.choices[0].message.content]
         assert answers(two) == answers(server)
+        assert (two.metric("shardlm_kv_pages"), two.metric("shardlm_kv_pages_used"),
+                two.metric("shardlm_slots")) == (20, 0, 8)
         two.proc.send_signal(signal.SIGTERM)
         assert two.proc.wait(60) == 0, two.output
         assert follower.wait(60) == 0

@@ -234,6 +234,11 @@ class ServeConfig:
     # calls): fewer host round trips per token
     decode_steps: int = 4
     prefill_rows: Optional[int] = None  # requests prefilled at once (null: batch ways)
+    # a paged KV cache: kv_pages pages of page_size tokens that the max_batch rows share,
+    # each request taking the pages its prompt and max_tokens need (0: each row has its
+    # own max_len slots); kv_pages x page_size tokens must hold one max_len request
+    kv_pages: int = 0
+    page_size: int = 16
     drain_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
     model_name: Optional[str] = None  # the id clients ask for; None: --checkpoint as given
     # int8: the layer projections' weights stored as int8 with a scale per output channel
@@ -248,6 +253,10 @@ class ServeConfig:
                               f"serve.max_queue={self.max_queue}, serve.drain_s="
                               f"{self.drain_s}: the first three must be at least 1, the "
                               "others at least 0")
+        if self.kv_pages < 0 or self.page_size < 1:
+            raise ConfigError(f"serve.kv_pages={self.kv_pages} and serve.page_size="
+                              f"{self.page_size}: use kv_pages >= 0 (0: no pages) and "
+                              "page_size >= 1")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"serve.max_len must be at least 2, got {self.max_len}")
         if self.quantize not in (None, "int8"):

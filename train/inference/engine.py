@@ -11,15 +11,24 @@ its token limit, a cancel) frees its slot at once. Each request samples with its
 settings and seed: token i of a request is drawn with key fold_in(key(seed), i), so what
 it gets does not depend on what else is in the batch.
 
+With `kv_pages` the rows share a pool of pages instead (models/cache.py PagedKVCache):
+a request is admitted when a row and the pages its prompt plus max_tokens need are free
+(first come, first served), its prefilled row is copied into its pages, and its pages
+come back when it ends. Decoding requests are kept in the first rows (a finished one's
+row takes the last one's request: its table row and settings move, its keys and values
+stay in their pages), and a decode call runs only the first quarter, half, three
+quarters or all of the rows, whichever holds them.
+
 Programs of fixed shapes, compiled when the engine is built (prefill a chunk, one per
 chunk length bucket; copy a row; decode up to `decode_steps` steps, fewer when a request
 reaches its max_tokens sooner): serving never compiles again. Attention reads only the
 first cache slots that hold anything: a prompt's first chunk attends within the chunk,
 and decoding over the shortest of a few spans (a quarter, a half, three quarters or all
-of the cache) that holds every decoding row's slots; each span is a program of its own.
+of the cache) that holds every decoding row's slots; each span (and, paged, each row
+count) is a program of its own.
 
 Shapes: B decode slots, P prefill rows, C chunk, S cache slots, K decode steps per
-call, V vocab.
+call, V vocab, R decode rows run by a call, M pages per row.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import sharding
-from models.cache import copy_row
+from models.cache import copy_pages, copy_row, init_paged_cache
 from models.sampling import NEG, sample_rows
 from train.errors import InputError
 from train.inference.generate import inference_params
@@ -126,12 +135,14 @@ class Engine:
         per call and prefill rows (`serve`: a ServeConfig); kwargs as for Engine."""
         return cls(model, mesh, rules, max_batch=serve.max_batch, max_len=serve.max_len,
                    max_queue=serve.max_queue, decode_steps=serve.decode_steps,
-                   prefill_rows=serve.prefill_rows, **kwargs)
+                   prefill_rows=serve.prefill_rows, kv_pages=serve.kv_pages,
+                   page_size=serve.page_size, **kwargs)
 
     def __init__(self, model, mesh, rules, *, eos_id: int, vocab_limit: int | None = None,
                  max_batch: int = 8, max_len: int | None = None, chunk: int | None = None,
                  max_queue: int | None = None, decode_steps: int = 1,
-                 prefill_rows: int | None = None, peers=None):
+                 prefill_rows: int | None = None, kv_pages: int = 0, page_size: int = 16,
+                 peers=None):
         cfg = model.cfg
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:
@@ -151,12 +162,30 @@ class Engine:
         # prefills its rows by the shortest that holds what the longest of them has left
         self.buckets = sorted({self.C} | {self.C >> k for k in range(1, 32)
                                           if self.C >> k >= 8})
-        self.S = max_len
+        # paged: a pool of kv_pages pages of `page_size` slots that the B rows share,
+        # each request holding the pages its prompt and max_tokens need (else each of
+        # the B rows has its own S slots)
+        self.paged, self.page = kv_pages > 0, page_size if kv_pages > 0 else 1
+        self.kv_pages = kv_pages
+        if self.paged and kv_pages * page_size < max_len:
+            raise InputError(f"serve.kv_pages={kv_pages} pages of serve.page_size="
+                             f"{page_size} hold {kv_pages * page_size} tokens, fewer than "
+                             f"one request of serve.max_len={max_len}; raise serve.kv_pages")
+        self.S = -(-max_len // self.page) * self.page
         # the prefill rows' cache has room for a last chunk that runs past the prompt
-        self.S_prefill = max_len + self.C
-        # decode spans: the cache's first S/4, S/2, 3S/4 or all S slots (16 at least)
-        self.spans = sorted({self.S} | {self.S * j // 4 for j in (1, 2, 3)
-                                        if self.S * j // 4 >= max(16, self.K)})
+        self.S_prefill = max(max_len + self.C, self.S)
+        # decode spans: the cache's first S/4, S/2, 3S/4 or all S slots (16 at least),
+        # whole pages
+        self.spans = sorted({self.S} | {-(-self.S * j // 4 // self.page) * self.page
+                                        for j in (1, 2, 3) if self.S * j // 4 >= max(16, self.K)})
+        # decode rows: paged, the first B/4, B/2, 3B/4 or all B rows, whichever holds the
+        # decoding requests (packed into the first rows); else all B
+        self.row_buckets = sorted({self.B} | ({-(-self.B * j // 4 // ways) * ways
+                                               for j in (1, 2, 3)} if self.paged else set()))
+        self.free_pages = list(range(1, kv_pages + 1))  # page 0: the discard page
+        self.pages_of: dict[int, list[int]] = {}  # request id: its pages
+        self.table = np.zeros((self.B, self.S // self.page), np.int32)  # rows' pages
+        self._table_on_device = None
         self.waiting: collections.deque[Request] = collections.deque()
         self.peers = peers  # lockstep.Peers with several processes, else None
         self._ids = itertools.count()
@@ -213,12 +242,17 @@ class Engine:
         first_P = self._pick(logits_PV, jnp.zeros_like(start_P), ints_4P[2:], floats_2P)
         return self._replicated(first_P), cache.within(None)
 
-    def _decode(self, params, cache, slots_3B, ints_2B, floats_2B, steps, *, span):
-        """`steps` (1 to K) decode steps, each feeding the token it picks to the next,
-        attending to the cache's first `span` slots. slots_3B: each slot's token to
-        feed, next cache slot, draws so far; ints_2B, floats_2B: its sampling settings.
-        Returns tokens_KB (rows past `steps` are 0), the cache and slots_3B after them."""
+    def _decode(self, params, cache, slots_3B, ints_2B, floats_2B, steps, *, span, rows):
+        """`steps` (1 to K) decode steps of the first `rows` rows (R), each step feeding
+        the token it picks to the next, attending to the cache's first `span` slots.
+        slots_3B: each slot's token to feed, next cache slot, draws so far; ints_2B,
+        floats_2B: its sampling settings. Returns tokens_KR (rows past `steps` are 0),
+        the cache and slots_3B after them."""
         model = nnx.merge(self.graphdef, params)
+        whole, R = cache, rows
+        if R < self.B:  # paged: the pool is shared, the rows past R are not run
+            cache = cache.first_rows(R)
+        ints_2B, floats_2B = ints_2B[:, :R], floats_2B[:, :R]
 
         def step(k, carry):
             cache, (tokens_B, pos_B, counts_B), tokens_KB = carry
@@ -227,10 +261,12 @@ class Engine:
             tokens_KB = jax.lax.dynamic_update_index_in_dim(tokens_KB, next_B, k, axis=0)
             return cache, jnp.stack([next_B, pos_B + 1, counts_B + 1]), tokens_KB
 
-        tokens_KB = jnp.zeros((self.K, slots_3B.shape[1]), jnp.int32)
-        cache, slots_3B, tokens_KB = jax.lax.fori_loop(
-            0, steps, step, (cache.within(span), slots_3B, tokens_KB))
-        return tokens_KB, cache.within(None), slots_3B
+        tokens_KR = jnp.zeros((self.K, R), jnp.int32)
+        cache, slots_3R, tokens_KR = jax.lax.fori_loop(
+            0, steps, step, (cache.within(span), slots_3B[:, :R], tokens_KR))
+        if R < self.B:
+            cache = whole.replace(k_LNPKH=cache.k_LNPKH, v_LNPKH=cache.v_LNPKH)
+        return tokens_KR, cache.within(None), slots_3B.at[:, :R].set(slots_3R)
 
     def _compile(self, model) -> None:
         """The programs (prefill per chunk length and span, decode per span, copy a
@@ -238,7 +274,13 @@ class Engine:
         def empty(rows, length):  # a slot index per row, as the programs leave it
             return jax.jit(lambda: model.init_cache(rows, length).at(
                 jnp.zeros(rows, jnp.int32)))()
-        self.cache, self.prefill_cache = empty(self.B, self.S), empty(self.P, self.S_prefill)
+        self.prefill_cache = empty(self.P, self.S_prefill)
+        if self.paged:  # its table: a replicated array, as every upload of it
+            self.cache = jax.jit(lambda: init_paged_cache(
+                self.cfg, self.B, self.kv_pages, self.page, self.S, model.constrain))()
+            self.cache = self.cache.replace(table_BM=self._global(self.table))
+        else:
+            self.cache = empty(self.B, self.S)
         i32, f32 = np.int32, np.float32
         P, B = self.P, self.B
         prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("span",))
@@ -251,18 +293,23 @@ class Engine:
         rep = NamedSharding(self.mesh, PartitionSpec())
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         decode = jax.jit(  # outputs laid out as the inputs they become next
-            self._decode, donate_argnums=(1, 2), static_argnames=("span",),
+            self._decode, donate_argnums=(1, 2), static_argnames=("span", "rows"),
             out_shardings=(rep, cache_shardings, rep))
         # a call's step count, 1 to K, uploaded once here rather than on every call
         self._steps_on_device = {k: self._global(np.int32(k)) for k in range(1, self.K + 1)}
-        self._decode_fns = {span: decode.lower(
+        self._decode_fns = {(span, rows): decode.lower(
             self.params, self.cache, self._global(np.zeros((3, B), i32)),
             self._global(np.zeros((2, B), i32)), self._global(np.zeros((2, B), f32)),
-            self._steps_on_device[1], span=span).compile() for span in self.spans}
-        self._copy_fn = jax.jit(  # rows_2: the slot, the prefill row
-            lambda into, rows_2, source: copy_row(into, rows_2[0], source, rows_2[1]),
-            donate_argnums=(0,), out_shardings=cache_shardings).lower(
-            self.cache, self._global(np.zeros(2, i32)), self.prefill_cache).compile()
+            self._steps_on_device[1], span=span, rows=rows).compile()
+            for span in self.spans for rows in self.row_buckets}
+        # copy a prefilled row into its decode slot (ints: the slot, the prefill row) or,
+        # paged, into its pages (ints: the prefill row, then the M pages)
+        copy = ((lambda into, ints, source: copy_pages(into, ints[1:], source, ints[0]))
+                if self.paged else
+                (lambda into, ints, source: copy_row(into, ints[0], source, ints[1])))
+        self._copy_fn = jax.jit(copy, donate_argnums=(0,), out_shardings=cache_shardings).lower(
+            self.cache, self._global(np.zeros(1 + self.table.shape[1] if self.paged else 2, i32)),
+            self.prefill_cache).compile()
 
     # ------------------------------------------------------------------ host side
 
@@ -374,11 +421,27 @@ class Engine:
                    if r is not None and r.id in kept}
                 | {b for r, b in self.pending if r.id in kept})
         free = [b for b in range(self.B) if b not in held]
+        # paged: the pages free once this plan's cancels give theirs back
+        pages = len(self.free_pages) + sum(len(self.pages_of.get(i, ())) for i in cancel)
         admit = []
-        with self.lock:
-            while free and self.waiting:
+        with self.lock:  # first come, first served: the next waits for a slot and pages
+            while free and self.waiting and (not self.paged
+                                             or self._pages_needed(self.waiting[0]) <= pages):
+                pages -= self._pages_needed(self.waiting[0]) if self.paged else 0
                 admit.append((free.pop(0), self.waiting.popleft()))
         return Plan(cancel, admit)
+
+    def _pages_needed(self, request: Request) -> int:
+        """Pages for a request's prompt and max_tokens (taken when it is admitted)."""
+        return -(-(len(request.prompt) + request.sampling.max_tokens) // self.page)
+
+    def _release(self, request: Request, slot: int | None = None) -> None:
+        """A request that holds a slot is done: its pages go back, and its decode row
+        (`slot`) is pointed at the discard page before any other request gets them."""
+        self.free_pages = sorted(self.free_pages + self.pages_of.pop(request.id, []))
+        if slot is not None and self.paged:
+            self.table[slot] = 0
+            self._table_on_device = None
 
     def _advance(self, plan: Plan) -> bool:
         """Apply the plan, then prefill and decode (every process, in step). Prefill
@@ -390,11 +453,18 @@ class Engine:
             for k, r in enumerate(requests):
                 if r is not None and r.id in gone:
                     requests[k] = None
+                    self._release(r, k if requests is self.slot_req else None)
                     r._finish("cancelled")
         for r, _ in [p for p in self.pending if p[0].id in gone]:
+            self._release(r)
             r._finish("cancelled")
         self.pending = collections.deque(p for p in self.pending if p[0].id not in gone)
-        self.pending.extend((request, b) for b, request in plan.admit)
+        for b, request in plan.admit:  # paged: the lowest free pages (as on every process)
+            if self.paged:
+                n = self._pages_needed(request)
+                self.pages_of[request.id], self.free_pages = (self.free_pages[:n],
+                                                              self.free_pages[n:])
+            self.pending.append((request, b))
         worked, spent = False, 0
         while spent < self.P * self.C:
             for i in range(self.P):
@@ -444,7 +514,14 @@ class Engine:
         for i in ends:
             r, b = self.row_req[i], int(self.row_slot[i])
             self.row_req[i] = None
-            self.cache = self._copy_fn(self.cache, self._global(np.array([b, i], np.int32)),
+            if self.paged:
+                self.table[b] = 0
+                self.table[b, :len(self.pages_of[r.id])] = self.pages_of[r.id]
+                self._table_on_device = None
+                where = np.concatenate([[i], self.table[b]])
+            else:
+                where = np.array([b, i])
+            self.cache = self._copy_fn(self.cache, self._global(where.astype(np.int32)),
                                        self.prefill_cache)
             self.slot_req[b] = r
             self.slot_state[:, b] = first[i], len(r.prompt), 1
@@ -455,9 +532,14 @@ class Engine:
         return P * C
 
     def _decode_step(self) -> None:
+        if self.paged:
+            self._pack()
         if self._slots_on_device is None:  # a slot has a new request: upload the slots
             self._slots_on_device = tuple(map(self._global, (
                 self.slot_state, self.slot_ints, self.slot_floats)))
+        if self.paged and self._table_on_device is None:
+            self._table_on_device = self._global(self.table)
+            self.cache = self.cache.replace(table_BM=self._table_on_device)
         state, ints, floats = self._slots_on_device
         decoding = [(b, r) for b, r in enumerate(self.slot_req) if r is not None]
         # K steps, or fewer when a request reaches its max_tokens sooner: its slot is
@@ -466,14 +548,33 @@ class Engine:
         # the shortest span that holds the slots every decoding row writes in this call
         need = max(int(self.slot_state[1, b]) for b, _ in decoding) + steps
         span = next((s for s in self.spans if s >= need), self.S)
-        tokens_KB, self.cache, state = self._decode_fns[span](
+        rows = next(n for n in self.row_buckets if n > decoding[-1][0])
+        tokens_KR, self.cache, state = self._decode_fns[span, rows](
             self.params, self.cache, state, ints, floats, self._steps_on_device[steps])
         self._slots_on_device = (state, ints, floats)
-        tokens_KB = np.asarray(tokens_KB.addressable_data(0))[:steps]
-        self.slot_state[0] = tokens_KB[-1]
-        self.slot_state[1:] += steps
+        tokens_KR = np.asarray(tokens_KR.addressable_data(0))[:steps]
+        self.slot_state[0, :rows] = tokens_KR[-1]
+        self.slot_state[1:, :rows] += steps
         for b, _ in decoding:
-            self._take(b, tokens_KB[:, b].tolist())
+            self._take(b, tokens_KR[:, b].tolist())
+
+    def _pack(self) -> None:
+        """Paged: move the decoding requests of the last rows into free rows before
+        them (a row's keys and values stay in its pages; only the table row and the
+        slot's settings move), so that a decode call runs as few rows as hold them."""
+        reserved = {b for _, b in self.pending} | {
+            int(self.row_slot[i]) for i, r in enumerate(self.row_req) if r is not None}
+        free = [b for b in range(self.B) if self.slot_req[b] is None and b not in reserved]
+        while free and (last := max((b for b, r in enumerate(self.slot_req)
+                                     if r is not None), default=-1)) > free[0]:
+            to = free.pop(0)
+            for a in (self.slot_state, self.slot_ints, self.slot_floats):
+                a[:, to] = a[:, last]
+            self.table[to], self.table[last] = self.table[last], 0
+            self.slot_req[to], self.slot_req[last] = self.slot_req[last], None
+            free.append(last)
+            free.sort()
+            self._slots_on_device = self._table_on_device = None
 
     def _take(self, b: int, tokens: list[int]) -> None:
         """Slot b's request got `tokens` (one call's): pass on those before its end (EOS,
@@ -491,4 +592,5 @@ class Engine:
             r._emit(kept)
         if reason is not None:
             self.slot_req[b] = None
+            self._release(r, b)
             r._finish(reason)

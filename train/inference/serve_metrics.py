@@ -44,15 +44,21 @@ class ServeMetrics:
                                 registry=r)
         self.slots_busy = prom.Gauge("shardlm_slots_busy", "decode slots in use", registry=r)
         self.slots = prom.Gauge("shardlm_slots", "decode slots (serve.max_batch)", registry=r)
+        self.pages_used = prom.Gauge("shardlm_kv_pages_used", "KV cache pages held by "
+                                     "requests (a paged cache)", registry=r)
+        self.pages = prom.Gauge("shardlm_kv_pages", "KV cache pages (serve.kv_pages)",
+                                registry=r)
         self._times: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
         self.tokens_per_s.set_function(self._rate)
 
     def watch(self, engine) -> None:
-        """Queue depth and slot occupancy read from `engine` at each scrape."""
+        """Queue depth, slot and page occupancy read from `engine` at each scrape."""
         self.queue.set_function(lambda: engine.queued)
         self.slots_busy.set_function(lambda: engine.slots_busy)
         self.slots.set(engine.B)
+        self.pages_used.set_function(lambda: engine.kv_pages - len(engine.free_pages))
+        self.pages.set(engine.kv_pages)
 
     def token(self, now: float, count: int = 1) -> None:
         """`count` new tokens that arrived at `now`."""
