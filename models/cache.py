@@ -34,8 +34,8 @@ UNROLL_ROWS = 64  # rows written one by one up to this many (XLA:CPU's scatter i
 
 
 class _Placed:
-    """Where a call's tokens go, for both caches: `index` (a scalar, or (B,) per row)
-    and `pad_B`."""
+    """What both caches share: where a call's tokens go (`index`, a scalar or (B,) per
+    row; `pad_B`; the `span` read) and how keys and values are held (`bits_of`)."""
 
     def at(self, index):
         """The cache with the next call's tokens placed from slot `index` on."""

@@ -291,3 +291,30 @@ def test_a_bf16_paged_cache_on_a_cpu_answers_as_rows_of_their_own_do():
     each = [Sampling(max_tokens=n) for n in MAX_TOKENS]
     assert ([r.tokens for r in paged.generate(PROMPTS, each)]
             == [r.tokens for r in rows.generate(PROMPTS, each)])
+
+
+@pytest.mark.parametrize("scatter", [False, True], ids=["row-by-row", "scatter"])
+def test_pages_hold_what_rows_of_their_own_hold(scatter, monkeypatch):
+    """Keys and values written at each row's own slots, 3 tokens a call, read back the
+    same from a PagedKVCache (pages handed out shuffled) as from a KVCache, written one
+    token at a time or (over UNROLL_ROWS tokens) by one scatter."""
+    from models import cache as kv
+    monkeypatch.setattr(kv, "UNROLL_ROWS", 0 if scatter else 64)
+    L, B, M, P, K, H = 2, 3, 4, 4, 2, 5
+    rows = kv.KVCache(*[jax.numpy.zeros((L, B, M * P, K, H))] * 2,
+                      np.zeros(B, np.int32), np.zeros(B, np.int32))
+    table = np.random.default_rng(0).permutation(np.arange(1, B * M + 1)).reshape(B, M)
+    pages = kv.PagedKVCache(*[jax.numpy.zeros((L, B * M + 1, P, K, H))] * 2,
+                            table.astype(np.int32), np.zeros(B, np.int32),
+                            np.zeros(B, np.int32))
+    start = np.array([0, 5, 7], np.int32)  # 9 tokens each: the last row fills its 16
+    keep = lambda x, axes: x  # noqa: E731 (no mesh)
+    for call in range(1, 4):
+        x = jax.random.normal(jax.random.key(call), (2, B, 3, K, H))
+        rows = rows.at(start).write(call % L, x[0], x[1], keep)
+        pages = pages.at(start).write(call % L, x[0], x[1], keep)
+        start = start + 3
+    for layer in range(L):
+        for got, want in zip(pages.layer(layer), rows.layer(layer)):
+            np.testing.assert_array_equal(got, want)
+    assert not np.asarray(pages.k_LNPKH[:, 0]).any()  # page 0: no row's

@@ -406,7 +406,8 @@ class Engine:
 
     def _plan(self) -> Plan:
         """What this step changes: the requests holding a slot that are cancelled, and
-        the waiting ones that take a free slot (their prefill comes first)."""
+        the waiting ones that take a free slot, and paged the pages they need, in the
+        order they came (their prefill comes first)."""
         with self.lock:
             dropped = [r for r in self.waiting if r._cancel]
             self.waiting = collections.deque(r for r in self.waiting if not r._cancel)
