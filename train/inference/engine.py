@@ -426,14 +426,17 @@ class Engine:
         pages = len(self.free_pages) + sum(len(self.pages_of.get(i, ())) for i in cancel)
         admit = []
         with self.lock:  # first come, first served: the next waits for a slot and pages
-            while free and self.waiting and (not self.paged
-                                             or self._pages_needed(self.waiting[0]) <= pages):
-                pages -= self._pages_needed(self.waiting[0]) if self.paged else 0
+            while free and self.waiting and (need := self._pages_needed(self.waiting[0])
+                                             ) <= pages:
+                pages -= need
                 admit.append((free.pop(0), self.waiting.popleft()))
         return Plan(cancel, admit)
 
     def _pages_needed(self, request: Request) -> int:
-        """Pages for a request's prompt and max_tokens (taken when it is admitted)."""
+        """Pages for a request's prompt and max_tokens (taken when it is admitted; none
+        without pages)."""
+        if not self.paged:
+            return 0
         return -(-(len(request.prompt) + request.sampling.max_tokens) // self.page)
 
     def _release(self, request: Request, slot: int | None = None) -> None:
@@ -460,11 +463,10 @@ class Engine:
             self._release(r)
             r._finish("cancelled")
         self.pending = collections.deque(p for p in self.pending if p[0].id not in gone)
-        for b, request in plan.admit:  # paged: the lowest free pages (as on every process)
-            if self.paged:
-                n = self._pages_needed(request)
-                self.pages_of[request.id], self.free_pages = (self.free_pages[:n],
-                                                              self.free_pages[n:])
+        for b, request in plan.admit:  # the lowest free pages (as on every process)
+            n = self._pages_needed(request)
+            self.pages_of[request.id], self.free_pages = (self.free_pages[:n],
+                                                          self.free_pages[n:])
             self.pending.append((request, b))
         worked, spent = False, 0
         while spent < self.P * self.C:
@@ -515,8 +517,7 @@ class Engine:
         for i in ends:
             r, b = self.row_req[i], int(self.row_slot[i])
             self.row_req[i] = None
-            if self.paged:
-                self.table[b] = 0
+            if self.paged:  # the row's table is all page 0 until now
                 self.table[b, :len(self.pages_of[r.id])] = self.pages_of[r.id]
                 self._table_on_device = None
                 where = np.concatenate([[i], self.table[b]])
